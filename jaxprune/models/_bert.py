@@ -1,0 +1,347 @@
+"""BERT / RoBERTa encoder with a sequence-classification head, in Flax NNX.
+
+Post-LN blocks: ``x = LN(x + Attn(x)); x = LN(x + FFN(x))``. The classification head is the same
+computation for both types: ``classifier(tanh(pooler(x[:, 0])))`` (BERT's pooler + classifier;
+RoBERTa's ``classifier.dense`` + ``classifier.out_proj`` map onto the same modules).
+Masks and taps follow the layout documented in ``jaxprune.models``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from jaxprune import typing as jpt
+from jaxprune.lora import _spec as lora_spec
+from jaxprune.models import _layers
+from jaxprune.models import _llama
+
+MODEL_TYPES = ('bert', 'roberta')
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BertConfig:
+    """Architecture of a BERT/RoBERTa sequence classifier.
+
+    ``model_type='roberta'`` offsets position ids by ``pad_token_id + 1`` (padding tokens get
+    position ``pad_token_id``). ``layer_heads``/``layer_mlp`` hold per-layer sizes after pruning.
+    """
+
+    model_type: str = 'bert'
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    num_labels: int = 2
+    layer_heads: tuple[int, ...] | None = None
+    layer_mlp: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        for name in ('layer_heads', 'layer_mlp'):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, tuple(int(x) for x in v))
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f'{self.model_type=} must be one of {MODEL_TYPES}')
+        for name in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
+                     'head_dim', 'num_labels'):
+            if getattr(self, name) < 1:
+                raise ValueError(f'{name}={getattr(self, name)} must be >= 1')
+        for name in ('layer_heads', 'layer_mlp'):
+            v = getattr(self, name)
+            if v is not None and (len(v) != self.num_layers or any(x < 1 for x in v)):
+                raise ValueError(f'{name}={v} needs one positive entry per layer '
+                                 f'({self.num_layers})')
+
+    # Shared helpers with LlamaConfig (MHA: one query head per KV group).
+    num_kv_heads = property(lambda self: self.num_heads)
+    q_per_kv = property(lambda self: 1)
+
+    def heads(self, layer: int) -> int:
+        return self.num_heads if self.layer_heads is None else self.layer_heads[layer]
+
+    def kv_heads(self, layer: int) -> int:
+        return self.heads(layer)
+
+    def mlp(self, layer: int) -> int:
+        return self.intermediate_size if self.layer_mlp is None else self.layer_mlp[layer]
+
+    @property
+    def is_uniform(self) -> bool:
+        return all(self.heads(i) == self.num_heads and self.mlp(i) == self.intermediate_size
+                   for i in range(self.num_layers))
+
+    @classmethod
+    def tiny(cls, **overrides) -> BertConfig:
+        """A 2-layer encoder for tests (vocab 128, hidden 32, 4 heads, FFN 64, 2 labels)."""
+        kw = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=4, head_dim=8, max_position_embeddings=64, num_labels=2)
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def minilm_l6(cls, **overrides) -> BertConfig:
+        """all-MiniLM-L6-v2 (6 layers, hidden 384, 12 heads, FFN 1536)."""
+        kw = dict(vocab_size=30522, hidden_size=384, intermediate_size=1536, num_layers=6,
+                  num_heads=12, head_dim=32, max_position_embeddings=512)
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], *, num_labels: int | None = None) -> BertConfig:
+        """Build from a Hugging Face ``config.json`` dict (``model_type`` bert or roberta)."""
+        mt = d.get('model_type', 'bert')
+        if mt not in MODEL_TYPES:
+            raise ValueError(f'model_type={mt!r} is not a BERT type; expected one of {MODEL_TYPES}')
+        act = d.get('hidden_act', 'gelu')
+        if act != 'gelu':
+            raise ValueError(f'hidden_act={act!r} is not supported; only "gelu" (exact erf)')
+        if num_labels is None:
+            num_labels = d.get('num_labels') or len(d.get('id2label') or {}) or 2
+        heads = d['num_attention_heads']
+        return cls(
+            model_type=mt, vocab_size=d['vocab_size'], hidden_size=d['hidden_size'],
+            intermediate_size=d['intermediate_size'], num_layers=d['num_hidden_layers'],
+            num_heads=heads, head_dim=d.get('head_dim') or d['hidden_size'] // heads,
+            max_position_embeddings=d.get('max_position_embeddings', 512),
+            type_vocab_size=d.get('type_vocab_size', 2),
+            layer_norm_eps=d.get('layer_norm_eps', 1e-12),
+            pad_token_id=d.get('pad_token_id') if d.get('pad_token_id') is not None else (
+                1 if mt == 'roberta' else 0),
+            num_labels=num_labels,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """A Hugging Face config dict. Raises ``ValueError`` if HF cannot represent the shapes."""
+        if not self.is_uniform:
+            raise ValueError(
+                f'per-layer sizes ({self.layer_heads=}, {self.layer_mlp=}) cannot be written as a '
+                'Hugging Face config; export a uniform model or keep the jaxprune checkpoint')
+        if self.num_heads * self.head_dim != self.hidden_size:
+            raise ValueError(
+                f'{self.num_heads=} * {self.head_dim=} != {self.hidden_size=}: Hugging Face BERT '
+                'derives head_dim from hidden_size; prune heads and hidden uniformly or keep the '
+                'jaxprune checkpoint')
+        arch = 'RobertaForSequenceClassification' if self.model_type == 'roberta' else (
+            'BertForSequenceClassification')
+        return {
+            'architectures': [arch], 'model_type': self.model_type,
+            'vocab_size': self.vocab_size, 'hidden_size': self.hidden_size,
+            'intermediate_size': self.intermediate_size, 'num_hidden_layers': self.num_layers,
+            'num_attention_heads': self.num_heads, 'hidden_act': 'gelu',
+            'max_position_embeddings': self.max_position_embeddings,
+            'type_vocab_size': self.type_vocab_size, 'layer_norm_eps': self.layer_norm_eps,
+            'pad_token_id': self.pad_token_id, 'num_labels': self.num_labels,
+            'id2label': {str(i): f'LABEL_{i}' for i in range(self.num_labels)},
+            'label2id': {f'LABEL_{i}': i for i in range(self.num_labels)},
+        }
+
+
+_get = _llama._get
+_tap_acts = _llama._tap_acts
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: BertConfig, layer: int, *, lora, param_dtype, rngs: nnx.Rngs):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads = cfg.heads(layer)
+        self.head_dim = hd
+        base = f'layers.{layer}.attn'
+
+        def lin(name, k, n, axes):
+            return _layers.Linear(k, n, use_bias=True, axes=axes, param_dtype=param_dtype,
+                                  rngs=rngs, **lora_spec.lora_kwargs(lora, f'{base}.{name}'))
+
+        hn = self.num_heads * hd
+        self.query = lin('query', d, hn, (jpt.EMBED, jpt.HEADS))
+        self.key = lin('key', d, hn, (jpt.EMBED, jpt.HEADS))
+        self.value = lin('value', d, hn, (jpt.EMBED, jpt.HEADS))
+        self.out = lin('out', hn, d, (jpt.HEADS, jpt.EMBED))
+
+    def __call__(self, x, bias, m, tap, weights, lora_aware):
+        bsz, t, _ = x.shape
+        h, hd = self.num_heads, self.head_dim
+        rm = _get(m, 'lora') or {}
+        kw = dict(in_mask=_get(m, 'attn_in'), lora_aware=lora_aware)
+        q = self.query(x, rank_mask=rm.get('query'), **kw).reshape(bsz, t, h, hd)
+        k = self.key(x, rank_mask=rm.get('key'), **kw).reshape(bsz, t, h, hd)
+        v = self.value(x, rank_mask=rm.get('value'), **kw).reshape(bsz, t, h, hd)
+        scores = jnp.einsum('bthd,bshd->bhts', q, k).astype(jnp.float32) / jnp.sqrt(hd)
+        probs = jax.nn.softmax(scores + bias[:, None], axis=-1).astype(v.dtype)
+        ctx = jnp.einsum('bhts,bshd->bthd', probs, v).reshape(bsz, t, h * hd)
+        acts = None
+        if tap is not None and 'attn_ctx' in tap:
+            ctx = ctx + tap['attn_ctx']
+            acts = _tap_acts(ctx, weights)
+        in_mask = _get(m, 'attn_ctx')
+        if _get(m, 'heads') is not None:
+            head_mask = jnp.repeat(m['heads'], hd)
+            in_mask = head_mask if in_mask is None else in_mask * head_mask
+        out = self.out(ctx, in_mask=in_mask, out_mask=_get(m, 'attn_out'),
+                       rank_mask=rm.get('out'), lora_aware=lora_aware)
+        return out, acts
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: BertConfig, layer: int, *, lora, param_dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.mlp(layer)
+        base = f'layers.{layer}.mlp'
+        kw = dict(use_bias=True, param_dtype=param_dtype, rngs=rngs)
+        self.up = _layers.Linear(d, f, axes=(jpt.EMBED, jpt.MLP), **kw,
+                                 **lora_spec.lora_kwargs(lora, f'{base}.up'))
+        self.down = _layers.Linear(f, d, axes=(jpt.MLP, jpt.EMBED), **kw,
+                                   **lora_spec.lora_kwargs(lora, f'{base}.down'))
+
+    def __call__(self, x, m, tap, weights, lora_aware):
+        rm = _get(m, 'lora') or {}
+        hmid = jax.nn.gelu(self.up(x, in_mask=_get(m, 'mlp_in'), rank_mask=rm.get('up'),
+                                   lora_aware=lora_aware), approximate=False)
+        acts = None
+        if tap is not None and 'mlp' in tap:
+            hmid = hmid + tap['mlp']
+            acts = _tap_acts(hmid, weights)
+        out = self.down(hmid, in_mask=_get(m, 'mlp'), out_mask=_get(m, 'mlp_out'),
+                        rank_mask=rm.get('down'), lora_aware=lora_aware)
+        return out, acts
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: BertConfig, layer: int, *, lora, param_dtype, rngs: nnx.Rngs):
+        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.attn = Attention(cfg, layer, lora=lora, **kw)
+        self.attn_norm = _layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
+        self.mlp = MLP(cfg, layer, lora=lora, **kw)
+        self.mlp_norm = _layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
+
+    def __call__(self, x, bias, hidden, m, tap, weights, lora_aware):
+        resid_tap = None if tap is None else tap.get('resid')
+        a, acts_ctx = self.attn(x, bias, m, tap, weights, lora_aware)
+        resid_acts = None
+        if resid_tap is not None:
+            a = a + resid_tap
+            resid_acts = _tap_acts(a, weights)
+        if hidden is not None:
+            a = a * hidden
+        x = self.attn_norm(x + a, hidden)
+        f, acts_mlp = self.mlp(x, m, tap, weights, lora_aware)
+        if resid_tap is not None:
+            f = f + resid_tap
+            resid_acts = resid_acts + _tap_acts(f, weights)
+        if hidden is not None:
+            f = f * hidden
+        x = self.mlp_norm(x + f, hidden)
+        acts = {k: v for k, v in (('attn_ctx', acts_ctx), ('mlp', acts_mlp),
+                                  ('resid', resid_acts)) if v is not None}
+        return x, acts
+
+
+class BertForSequenceClassification(nnx.Module):
+    """BERT/RoBERTa encoder + ``classifier(tanh(pooler(h[:, 0])))``.
+
+    Args:
+      config: the architecture (``model_type`` picks BERT or RoBERTa position ids).
+      lora: optional ``LoraSpec`` over module paths like ``layers.0.attn.query``.
+      param_dtype: parameter dtype.
+      rngs: ``nnx.Rngs``.
+    """
+
+    def __init__(self, config: BertConfig, *, lora: lora_spec.LoraSpec | None = None,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        d = config.hidden_size
+        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.word_embed = _layers.Embed(config.vocab_size, d, **kw)
+        self.pos_embed = _layers.Embed(config.max_position_embeddings, d,
+                                       axes=(jpt.POSITION, jpt.EMBED), **kw)
+        self.type_embed = _layers.Embed(config.type_vocab_size, d, axes=(None, jpt.EMBED), **kw)
+        self.embed_norm = _layers.LayerNorm(d, eps=config.layer_norm_eps, **kw)
+        self.layers = nnx.List([Block(config, i, lora=lora, **kw)
+                                for i in range(config.num_layers)])
+        # The pooler's output axis is not the residual stream: hidden pruning slices its input only.
+        self.pooler = _layers.Linear(d, d, use_bias=True, axes=(jpt.EMBED, None),
+                                     **lora_spec.lora_kwargs(lora, 'pooler'), **kw)
+        self.classifier = _layers.Linear(d, config.num_labels, use_bias=True,
+                                         axes=(None, jpt.LABELS),
+                                         **lora_spec.lora_kwargs(lora, 'classifier'), **kw)
+
+    def hidden_states(
+        self,
+        input_ids: Int[Array, 'B T'],
+        attention_mask: Int[Array, 'B T'] | None = None,
+        *,
+        masks: dict | None = None,
+        taps: tuple | None = None,
+        lora_aware: bool = False,
+    ) -> tuple[Float[Array, 'B T D'], tuple]:
+        """Last-layer hidden states and per-layer tap activations (empty dicts without taps)."""
+        cfg = self.config
+        bsz, t = input_ids.shape
+        hidden = _get(masks, 'hidden')
+        layer_masks = _get(masks, 'layers')
+        if layer_masks is not None and len(layer_masks) != len(self.layers):
+            raise ValueError(f'masks["layers"] has {len(layer_masks)} entries; expected '
+                             f'{len(self.layers)} (one dict per layer)')
+        if taps is not None and len(taps) != len(self.layers):
+            raise ValueError(f'taps has {len(taps)} entries; expected {len(self.layers)}')
+        if cfg.model_type == 'roberta':
+            not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+            positions = jnp.cumsum(not_pad, axis=-1) * not_pad + cfg.pad_token_id
+        else:
+            positions = jnp.broadcast_to(jnp.arange(t), (bsz, t))
+        x = (self.word_embed(input_ids) + self.pos_embed(positions)
+             + self.type_embed(jnp.zeros_like(input_ids)))
+        x = self.embed_norm(x, hidden)
+        if attention_mask is None:
+            bias = jnp.zeros((1, 1, t), jnp.float32)
+            weights = None
+        else:
+            weights = attention_mask.astype(jnp.int32)
+            bias = jnp.where(weights[:, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+        all_acts = []
+        for i, block in enumerate(self.layers):
+            m = None if layer_masks is None else layer_masks[i]
+            tap = None if taps is None else taps[i]
+            x, acts = block(x, bias, hidden, m, tap, weights, lora_aware)
+            all_acts.append(acts)
+        return x, tuple(all_acts)
+
+    def __call__(
+        self,
+        input_ids: Int[Array, 'B T'],
+        attention_mask: Int[Array, 'B T'] | None = None,
+        *,
+        masks: dict | None = None,
+        taps: tuple | None = None,
+        lora_aware: bool = False,
+    ) -> Float[Array, 'B L'] | tuple[Float[Array, 'B L'], tuple]:
+        """Class logits ``[B, num_labels]``; with ``taps`` returns ``(logits, acts)``.
+
+        Arguments as in ``Llama.__call__``; token type ids are all zero.
+        """
+        x, acts = self.hidden_states(input_ids, attention_mask, masks=masks, taps=taps,
+                                     lora_aware=lora_aware)
+        pooled = jnp.tanh(self.pooler(x[:, 0], lora_aware=lora_aware))
+        logits = self.classifier(pooled, lora_aware=lora_aware)
+        return (logits, acts) if taps is not None else logits
+
+    def encode(
+        self, input_ids: Int[Array, 'B T'], attention_mask: Int[Array, 'B T'] | None = None,
+        *, masks: dict | None = None,
+    ) -> Float[Array, 'B D']:
+        """Sentence embeddings: last hidden states mean-pooled over real tokens."""
+        x, _ = self.hidden_states(input_ids, attention_mask, masks=masks)
+        if attention_mask is None:
+            return jnp.mean(x, axis=1)
+        w = attention_mask.astype(x.dtype)[..., None]
+        return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1e-9)
