@@ -1,0 +1,170 @@
+"""Mosaic GPU (Hopper) shuffle-free 2:4 matmul.
+
+JAX 0.10.2 ships two GPU Pallas backends: Triton (deprecated from JAX 0.11) and Mosaic GPU (its
+successor, ``jax.experimental.pallas.mosaic_gpu``). This kernel targets Mosaic GPU.
+
+Hopper exposes no sparse tensor-core MMA through Pallas, so the gain is bandwidth: each K step TMA-
+loads the compressed tiles (two value planes + one meta byte per two groups) into SMEM, decodes the
+eight shuffle-free planes ``D_{p,i}`` in registers (elementwise selects on the nibbles), writes them
+to a swizzled SMEM scratch and issues eight ``wgmma`` of ``[64, bk/8] @ [bk/8, bn]`` against the
+de-interleaved activation planes ``xq[4p + i] = x[:, 8r + 4p + i]`` (p = nibble parity, i = position).
+Values are viewed as ``[2, K/8, 2N]`` (a free reshape of ``[2, K/4, N]``) so the even / odd groups
+of a byte row are two column ranges of the same row and no strided or interleaving access is needed.
+``M`` is padded to the 64-row wgmma tile in the wrapper (the activation is small in decode).
+
+Constraints (``NotImplementedError`` -> callers fall back to the reference): bf16/f16 operands,
+``K % block_k == 0``, ``N % block_n == 0``.
+
+Verification status — be careful with this file:
+  * No GPU was available when it was written. The compiled path (``interpret=False``) has NOT been
+    run; the register layouts of the nibble decode are inferred by Mosaic GPU's warpgroup
+    semantics and may need ``plgpu.layout_cast`` on real hardware. Compiled tests are marked
+    ``@pytest.mark.gpu``.
+  * ``interpret=True`` runs this same kernel under the Mosaic GPU interpreter
+    (``InterpretGPUParams``: simulated SMEM, TMA copies, barriers and wgmma) on CPU and is tested
+    against the reference in tests/kernels/sparse24.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxtyping import Array, Float
+
+from jaxprune.kernels.sparse24 import format as fmt
+from jaxprune.kernels.sparse24 import pallas_tpu
+
+_WGMMA_M = 64
+
+
+def _transforms(minor: int, dtype) -> tuple:
+    bits = jnp.dtype(dtype).itemsize * 8
+    swizzle = plgpu.find_swizzle(minor * bits)
+    return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
+
+
+def sparse24_gpu_kernel(xq_smem, v_smems, meta_smem, d_smem, acc_ref):
+    """One K step: decode eight planes into SMEM, then eight wgmma into the f32 accumulator.
+
+    Refs: ``xq_smem [8, 64, bk8]``, ``v_smems`` = (plane0 even, plane1 even, plane0 odd,
+    plane1 odd) each ``[bk8, bn]``, ``meta_smem u8[bk8, bn]``, ``d_smem [8, bk8, bn]`` scratch.
+    """
+    meta = meta_smem[...].astype(jnp.int32)
+    for p in range(2):
+        nib = (meta >> (4 * p)) & 15
+        idx0, idx1 = nib & 3, nib >> 2
+        v0, v1 = v_smems[2 * p][...], v_smems[2 * p + 1][...]
+        zero = jnp.zeros_like(v0)
+        for i in range(fmt.GROUP):
+            d_smem[fmt.GROUP * p + i] = jnp.where(idx0 == i, v0, jnp.where(idx1 == i, v1, zero))
+    plgpu.commit_smem()
+    for j in range(2 * fmt.GROUP):
+        plgpu.wgmma(acc_ref, xq_smem.at[j], d_smem.at[j])
+    plgpu.wgmma_wait(0)
+
+
+def _validate(x, s: fmt.Sparse24, block_n: int, block_k: int) -> None:
+    fmt._check_sparse(s)
+    k, n = s.shape
+    if x.ndim != 2 or x.shape[1] != k:
+        raise ValueError(f'{x.shape=} must be (M, K={k}) for {s.shape=}')
+    if block_k % 128 or block_n % 64 or block_k <= 0 or block_n <= 0:
+        raise ValueError(f'{block_k=} and {block_n=} must be positive multiples of 128 and 64')
+    if s.values.dtype not in (jnp.bfloat16, jnp.float16) or x.dtype != s.values.dtype:
+        raise NotImplementedError(f'{x.dtype=}, {s.values.dtype=}: wgmma path needs bf16/f16')
+    if k % block_k or n % block_n:
+        raise NotImplementedError(f'{s.shape=} must divide into {block_k=} x {block_n=} tiles')
+
+
+@functools.partial(jax.jit, static_argnames=('block_m', 'block_n', 'block_k', 'interpret'))
+def sparse24_matmul_gpu(
+    x: Float[Array, 'M K'],
+    s: fmt.Sparse24,
+    *,
+    block_m: int | None = None,
+    block_n: int = 64,
+    block_k: int = 512,
+    interpret: bool = False,
+) -> Float[Array, 'M N']:
+    """Mosaic GPU shuffle-free 2:4 matmul ``x @ decompress(s)`` (see module docstring).
+
+    Args:
+      x: ``[M, K]`` bf16/f16 activations.
+      s: compressed ``W[K, N]``, same dtype as ``x``.
+      block_m: ignored (the wgmma tile is 64 rows; ``M`` is padded to it). Kept for a uniform API.
+      block_n: output columns per CTA, a multiple of 64.
+      block_k: contraction rows per pipeline step, a multiple of 64.
+      interpret: run under the Mosaic GPU interpreter (CPU).
+
+    Returns:
+      ``[M, N]`` in ``x.dtype``.
+
+    Raises:
+      ValueError: shape mismatch or bad block sizes.
+      NotImplementedError: dtype or divisibility not supported (callers use the reference).
+    """
+    del block_m
+    _validate(x, s, block_n, block_k)
+    m, k = x.shape
+    n = s.shape[1]
+    bm, bn, bk8 = _WGMMA_M, block_n, block_k // 8
+    m_pad = -(-m // bm) * bm
+    xq = pallas_tpu.deinterleave8(jnp.pad(x, ((0, m_pad - m), (0, 0))))  # [8, m_pad, K/8]
+    v3 = s.values.reshape(2, k // 8, 2 * n)  # free view; odd groups are columns N..2N-1
+    dtype = x.dtype
+    x_spec = plgpu.BlockSpec(
+        (8, bm, bk8), lambda kk: (0, 0, kk), transforms=_transforms(bk8, dtype)
+    )
+    w_spec = plgpu.BlockSpec((bk8, bn), lambda kk: (kk, 0), transforms=_transforms(bn, dtype))
+    meta_spec = plgpu.BlockSpec((bk8, bn), lambda kk: (kk, 0))
+
+    def body(xq_gmem, v_gmem, meta_gmem, o_gmem, d_smem, o_smem):
+        mi, ni = jax.lax.axis_index('m'), jax.lax.axis_index('n')
+        rows = pl.ds(mi * bm, bm)
+        cols = pl.ds(ni * bn, bn)
+        v_parts = [
+            v_gmem.at[plane, :, pl.ds(parity * n + ni * bn, bn)]
+            for parity in range(2)
+            for plane in range(2)
+        ]
+
+        def scope(acc_ref):
+            def step(_, xq_smem, v0e, v1e, v0o, v1o, meta_smem):
+                sparse24_gpu_kernel(xq_smem, (v0e, v1e, v0o, v1o), meta_smem, d_smem, acc_ref)
+
+            plgpu.emit_pipeline(
+                step,
+                grid=(k // block_k,),
+                in_specs=[x_spec, w_spec, w_spec, w_spec, w_spec, meta_spec],
+                max_concurrent_steps=2,
+            )(xq_gmem.at[:, rows, :], *v_parts, meta_gmem.at[:, cols])
+            o_smem[...] = acc_ref[...].astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[rows, cols])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(scope, plgpu.ACC((bm, bn), jnp.float32))
+
+    out = plgpu.kernel(
+        body,
+        out_shape=jax.ShapeDtypeStruct((m_pad, n), dtype),
+        grid=(m_pad // bm, n // bn),
+        grid_names=('m', 'n'),
+        scratch_shapes=[
+            plgpu.SMEM((8, bk8, bn), dtype, transforms=_transforms(bn, dtype)),
+            plgpu.SMEM((bm, bn), dtype, transforms=_transforms(bn, dtype)),
+        ],
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=_interpret_params() if interpret else None,
+    )(xq, v3, s.meta)
+    return out[:m]
+
+
+def _interpret_params():
+    from jax._src.pallas.mosaic_gpu.interpret import params  # no public alias in JAX 0.10.2
+
+    return params.InterpretGPUParams()
