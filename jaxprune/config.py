@@ -54,11 +54,11 @@ class ModelCfg:
     (``tiny-bert``, ``tiny-llama``), a local HF folder or a ``.gguf`` file.
     """
 
-    name_or_path: str = 'tiny-bert'
+    name_or_path: str = 'minilm-l6'
     task: str = 'classification'
     num_labels: int = 2
-    dtype: str = 'float32'
-    param_dtype: str = 'float32'
+    dtype: str = 'float32'  # frozen weights and computation
+    param_dtype: str = 'float32'  # trained parameters and optimizer state
 
     def __post_init__(self):
         if not self.name_or_path:
@@ -98,7 +98,7 @@ class LoraCfg:
     enabled: bool = False
     rank: int = 8
     alpha: float = 16.0
-    targets: str = r'.*(q_proj|k_proj|v_proj|o_proj|query|key|value|gate_proj|up_proj|down_proj)$'
+    targets: str = r'.*\.(q_proj|v_proj|query|value)'  # == jaxprune.lora.DEFAULT_TARGETS
 
     def __post_init__(self):
         if self.enabled:

@@ -1,0 +1,226 @@
+"""The training loop: build, (resume), step, log, evaluate, checkpoint.
+
+Resumption is exact: a checkpoint holds the ``TrainState`` (trained params, optimizer state, step,
+RNG, skipped count) and the data position; the train stream restarts at that position, so a run
+that is killed and restarted ends with the same parameters and metrics as an uninterrupted one.
+The frozen part of the model (``rest``) is rebuilt from ``model.name_or_path`` on restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxprune import config as config_lib
+from jaxprune.train import _ckpt, _data, _factory, _method, _metrics, _step
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything built from a config before the first step (reused by ``evaluate``)."""
+
+    cfg: config_lib.RunCfg
+    graphdef: nnx.GraphDef
+    rest: Any
+    state: _step.TrainState
+    tx: Any
+    method: _method.Method
+    tokenizer: Any
+    splits: Any
+    mesh: jax.sharding.Mesh
+    state_sharding: Any
+    rest_sharding: Any
+    arch: Any
+
+
+def trainable_filter(cfg: config_lib.RunCfg):
+    """What trains: LoRA factors (+ classifier head) with LoRA, everything otherwise."""
+    if cfg.lora.enabled and not cfg.train.full_finetune:
+        from jaxprune import lora
+
+        return lora.trainable_filter(classifier=cfg.model.task == 'classification')
+    return nnx.Param
+
+
+def _replicated(mesh):
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def setup(cfg: config_lib.RunCfg, *, mesh: jax.sharding.Mesh | None = None) -> Setup:
+    """Builds model, optimizer, sharded initial state and data splits for ``cfg``."""
+    from jaxprune import sharding
+
+    model, arch, tokenizer = _factory.build_model(cfg.model, cfg.lora)
+    method = _method.build_method(cfg.prune, run_cfg=cfg)
+    graphdef, trainable, rest = nnx.split(model, trainable_filter(cfg), ...)
+    p_dtype = _factory.dtype(cfg.model.param_dtype)
+    trainable = jax.tree.map(
+        lambda x: x.astype(p_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, trainable)
+    tx = cfg.train.build_optimizer(*method.transforms(trainable))
+    if mesh is None:
+        mesh = sharding.make_mesh(cfg.mesh.shape(jax.device_count()))
+    p_sh = sharding.param_shardings(trainable, mesh)
+    r_sh = sharding.param_shardings(rest, mesh)
+    o_sh = sharding.opt_state_shardings(jax.eval_shape(tx.init, trainable), p_sh)
+    rep = _replicated(mesh)
+    state_sh = _step.TrainState(step=rep, trainable=p_sh, opt_state=o_sh, rng=rep, skipped=rep)
+    trainable = sharding.shard_like(trainable, p_sh)
+    rest = sharding.shard_like(rest, r_sh)
+    init = jax.jit(lambda t: _step.init_state(t, tx, seed=cfg.train.seed), out_shardings=state_sh)
+    state = init(trainable)
+    splits = _data.load_splits(cfg.data)
+    return Setup(cfg=cfg, graphdef=graphdef, rest=rest, state=state, tx=tx, method=method,
+                 tokenizer=tokenizer, splits=splits, mesh=mesh, state_sharding=state_sh,
+                 rest_sharding=r_sh, arch=arch)
+
+
+def _batch_sharding(mesh, batch_size):
+    from jaxprune import sharding
+
+    return sharding.batch_sharding(mesh, batch_size=batch_size)
+
+
+def _place(batch: dict[str, np.ndarray], sh) -> dict[str, jax.Array]:
+    return {k: jax.device_put(np.asarray(v), sh) for k, v in batch.items()}
+
+
+def evaluate_state(s: Setup, *, split: str = 'validation') -> dict[str, float]:
+    """Exact metrics of the current state over a whole split (padding rows ignored)."""
+    cfg = s.cfg
+    batches = _data.eval_batches(s.splits[split], s.tokenizer, cfg.data, task=cfg.model.task)
+    sh = _batch_sharding(s.mesh, cfg.data.eval_batch_size)
+    fn = _step.make_eval_step(s.graphdef, task=cfg.model.task)
+    totals = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
+    for b in batches:
+        sums = fn(s.state.trainable, s.rest, s.state.opt_state, _place(b, sh))
+        for k in totals:
+            totals[k] += float(sums[k])
+    return _step.summarize(totals, task=cfg.model.task)
+
+
+def _tokens(batch: dict[str, np.ndarray]) -> int:
+    if 'attention_mask' in batch:
+        return int(np.sum(batch['attention_mask']))
+    return int(np.size(batch['input_ids']))
+
+
+def _meta(cfg, step: int, data_position: int, skipped: int) -> dict[str, Any]:
+    return {'step': step, 'data_position': data_position, 'skipped_nonfinite': skipped,
+            'config': cfg.to_dict()}
+
+
+def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
+          mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+    """Runs (or resumes) a training run and returns the final eval record.
+
+    Writes ``run_dir/config.yaml``, ``run_dir/metrics.jsonl`` and checkpoints under
+    ``cfg.checkpoint_dir`` (every ``checkpoint.every`` steps and at the end).
+
+    Args:
+      cfg: the run config.
+      progress: show a rich progress bar (default: when stderr is a terminal).
+      mesh: optional mesh overriding ``cfg.mesh``.
+
+    Returns:
+      The final ``eval`` event (``step``, ``loss``, ``accuracy`` [, ``perplexity``], ...).
+    """
+    run_dir = pathlib.Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_lib.save_config(cfg, run_dir / 'config.yaml')
+    s = setup(cfg, mesh=mesh)
+    tcfg, task = cfg.train, cfg.model.task
+    ckpts = _ckpt.Checkpoints(cfg.checkpoint_dir, keep=cfg.checkpoint.keep)
+    data_position = 0
+    if cfg.checkpoint.resume and ckpts.latest_step() is not None:
+        s.state, meta = ckpts.restore(s.state)
+        data_position = int(meta['data_position'])
+        logger.info('resumed from step %d (data position %d)', meta['step'], data_position)
+    start = int(s.state.step)
+    log = _metrics.MetricsLogger(run_dir, total_steps=tcfg.steps, start_step=start,
+                                 progress=progress)
+    if start:
+        log.log('resume', start, data_position=data_position)
+    schedule = tcfg.build_schedule()
+    stream = _data.train_batches(s.splits['train'], s.tokenizer, cfg.data, task=task,
+                                 start=data_position)
+    b_sh = _batch_sharding(s.mesh, cfg.data.batch_size)
+
+    def compile_step():
+        return _step.make_train_step(s.graphdef, s.tx, task=task, method=s.method)
+
+    step_fn, graphdef = compile_step(), s.graphdef
+    window: list[dict[str, jax.Array]] = []
+    w_tokens = w_examples = 0
+    w_start = time.perf_counter()
+    last = None
+    try:
+        for step in range(start, tcfg.steps):
+            batch = next(stream)
+            data_position += 1
+            s.state, m = step_fn(s.state, s.rest, _place(batch, b_sh))
+            window.append(m)
+            w_tokens += _tokens(batch)
+            w_examples += len(batch['input_ids'])
+            done = step + 1
+            loop_state = s.method.on_step_end(done, _method.LoopState(s.graphdef, s.state, s.rest))
+            s.state, s.rest = loop_state.state, loop_state.rest
+            if loop_state.graphdef is not graphdef:  # surgery changed shapes: re-jit
+                s.graphdef = graphdef = loop_state.graphdef
+                step_fn = compile_step()
+            if done == start + 1:  # the first step includes compilation; keep it out of rates
+                jax.block_until_ready(m['loss'])
+                log.log('compile', done, seconds=time.perf_counter() - w_start)
+                window, w_tokens, w_examples = window[1:], 0, 0
+                w_start = time.perf_counter()
+            if window and (done % tcfg.log_every == 0 or done == tcfg.steps):
+                host = jax.device_get(window)
+                dt = max(time.perf_counter() - w_start, 1e-9)
+                loss = float(np.mean([h['loss'] for h in host]))
+                rec = log.log(
+                    'train', done, loss=loss,
+                    accuracy=float(np.mean([h['accuracy'] for h in host])),
+                    grad_norm=float(np.mean([h['grad_norm'] for h in host])),
+                    lr=float(schedule(done - 1)),
+                    tokens_per_s=w_tokens / dt, examples_per_s=w_examples / dt,
+                    skipped_nonfinite=int(s.state.skipped))
+                log.advance(done, loss=loss, tokens_per_s=rec['tokens_per_s'])
+                window, w_tokens, w_examples = [], 0, 0
+                w_start = time.perf_counter()
+            else:
+                log.advance(done)
+            if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:
+                log.log('eval', done, **evaluate_state(s))
+            every = cfg.checkpoint.every
+            if (every and done % every == 0) or done == tcfg.steps:
+                ckpts.save(done, s.state, _meta(cfg, done, data_position, int(s.state.skipped)))
+        last = log.log('eval', int(s.state.step), **evaluate_state(s),
+                       skipped_nonfinite=int(s.state.skipped))
+    finally:
+        log.close()
+        ckpts.close()
+    return last
+
+
+def evaluate(cfg: config_lib.RunCfg, *, split: str = 'validation') -> dict[str, Any]:
+    """Evaluates the latest checkpoint of ``cfg`` (or the untrained model when there is none)."""
+    s = setup(cfg)
+    ckpts = _ckpt.Checkpoints(cfg.checkpoint_dir, keep=cfg.checkpoint.keep)
+    step = 0
+    try:
+        if ckpts.latest_step() is not None:
+            s.state, meta = ckpts.restore(s.state)
+            step = int(meta['step'])
+    finally:
+        ckpts.close()
+    return {'step': step, 'split': split, **evaluate_state(s, split=split)}
