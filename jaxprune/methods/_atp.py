@@ -1,0 +1,255 @@
+"""ATP: all-in-one tuning and structural pruning (Lu et al., 2024) as pure step functions.
+
+Training alternates two updates on every batch:
+
+1. **generator step** (LLM frozen): sample hard masks from the generator with Gumbel-sigmoid +
+   STE and minimise ``L_task(masked LLM) + lambda * R(density(m), target)`` w.r.t. the generator;
+   the LLM runs in evaluation semantics ``((W + s B A) x) * m`` (``lora_aware=False``).
+2. **LLM step** (generator frozen): LoRA step with a freshly sampled mask in LoRA-aware mode
+   ``(W x) * m + s B A x`` (``lora_aware=True``), so the adapter learns to take over what the mask
+   removes, followed by the proximal group lasso (``jaxprune.transforms._group_lasso``) inside
+   the LLM optimizer chain, which drives the LoRA factors of pruned channels to zero.
+
+After the *control phase* (``freeze_step`` steps) the masks are frozen to
+:func:`atp_export_masks` and only step 2 continues, with the fixed masks. Once the group lasso
+has zeroed the pruned LoRA groups, ``(W x) * m + s B A x == ((W + s B A) x) * m`` on the kept
+channels, so the model can be merged and pruned.
+
+**Final removal (surgery).** ``jaxprune.surgery.prune`` removes whole heads/KV groups
+(``heads``), FFN neurons (``mlp``) and uniform hidden dims (``hidden``). ATP masks map onto it as
+follows: ``mlp`` -> ``keep[('mlp', l)] = masks['mlp'] * OR(mlp_in) * OR(mlp_out)`` directly;
+a GQA group whose ``attn_ctx`` is entirely zero -> ``keep[('heads', l)]`` false. The remaining
+DISP dimensions need slicing support that surgery does not have yet:
+
+* per-layer *input* index sets for ``q/k/v_proj`` (``attn_in``) and ``gate/up_proj``
+  (``mlp_in``), and *output* index sets for ``o_proj`` (``attn_out``) and ``down_proj``
+  (``mlp_out``): the block then gathers ``x[..., idx_in]`` after the norm and scatters its output
+  back with ``zeros(D).at[idx_out].add(y)`` into the residual stream (DISP's ``S_l`` selection
+  matrices); config fields like ``layer_attn_in: tuple[int, ...]`` etc.;
+* ragged value-head dims (``attn_ctx``): per head ``h`` keep rows ``S_h`` of ``o_proj`` and, per
+  KV group, the union of its heads' ``S_h`` as ``v_proj`` columns. A dense layout pads every
+  head to ``max_h |S_h|`` (zero rows/columns); only the padded count is saved.
+
+:func:`atp_surgery_plan` returns the keep-index sets for all of these, so a surgery
+implementation (or export) can consume them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxprune.masks import _density, _gumbel
+from jaxprune.scores import _atp_generator
+
+# loss_fn(trainable, frozen, masks, batch, *, lora_aware) -> (scalar loss)
+LossFn = Callable[..., jax.Array]
+
+
+def generator_loss(
+    gen_params: Any,
+    trainable: Any,
+    frozen: Any,
+    batch: Any,
+    key: jax.Array,
+    *,
+    loss_fn: LossFn,
+    dims: Sequence[_density.LayerDims],
+    target_density: float,
+    reg_weight: float,
+    temperature: float = _gumbel.DEFAULT_TEMPERATURE,
+    bias: float = _gumbel.DEFAULT_BIAS,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    r"""ATP generator objective :math:`L_{task}(m) + \lambda R(P(m), p)` with STE hard masks.
+
+    Returns:
+      ``(loss, aux)`` with ``aux = {'task_loss', 'density', 'reg'}``.
+    """
+    logits = _atp_generator.generator_apply(gen_params)
+    masks = _gumbel.sample_masks(logits, key, temperature=temperature, bias=bias)
+    task = loss_fn(trainable, frozen, masks, batch, lora_aware=False)
+    dens = _density.density(masks, dims)
+    reg = _density.log_ratio(dens, target_density)
+    return task + reg_weight * reg, {'task_loss': task, 'density': dens, 'reg': reg}
+
+
+def generator_step(
+    gen_params: Any,
+    gen_opt_state: optax.OptState,
+    trainable: Any,
+    frozen: Any,
+    batch: Any,
+    key: jax.Array,
+    *,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    dims: Sequence[_density.LayerDims],
+    target_density: float,
+    reg_weight: float = 1.0,
+    temperature: float = _gumbel.DEFAULT_TEMPERATURE,
+    bias: float = _gumbel.DEFAULT_BIAS,
+) -> tuple[Any, optax.OptState, dict[str, jax.Array]]:
+    r"""One generator update with the LLM frozen.
+
+    .. math::
+        \min_\theta\; L_{task}\big(W, m\big) + \lambda\, R\big(P(m), p\big), \quad
+        m = \mathrm{STE}(\mathrm{GumbelSigmoid}(G_\theta)), \quad R(x, y) = \log\frac{\max(x,
+        y)}{\min(x, y)}
+
+    Args:
+      gen_params: generator parameters (``jaxprune.scores._atp_generator``).
+      gen_opt_state: ``tx`` state for ``gen_params``.
+      trainable, frozen: the LLM parameters, passed through to ``loss_fn`` (not updated).
+      batch: a data batch for ``loss_fn``.
+      key: PRNG key for the Gumbel noise.
+      loss_fn: ``loss_fn(trainable, frozen, masks, batch, *, lora_aware) -> scalar``, e.g.
+        :func:`causal_lm_loss`.
+      tx: the generator optimizer (ATP: AdamW).
+      dims: per-layer dims (``jaxprune.masks._density.layer_dims(config)``).
+      target_density: fraction ``p`` of prunable parameters to keep, in ``(0, 1]``.
+      reg_weight: ``lambda``.
+      temperature, bias: Gumbel-sigmoid parameters.
+
+    Returns:
+      ``(gen_params, gen_opt_state, metrics)``; metrics hold ``loss``, ``task_loss``,
+      ``density`` (of the sampled hard mask) and ``reg``.
+
+    Raises:
+      ValueError: ``target_density`` outside ``(0, 1]``.
+
+    References:
+      Lu et al., 2024 (ATP), Sec. 3.2, Eq. for the generator objective.
+    """
+    if not 0.0 < target_density <= 1.0:
+        raise ValueError(f'{target_density=} must be in (0, 1] (fraction of params kept)')
+    (loss, aux), grads = jax.value_and_grad(generator_loss, has_aux=True)(
+        gen_params, trainable, frozen, batch, key, loss_fn=loss_fn, dims=dims,
+        target_density=target_density, reg_weight=reg_weight, temperature=temperature, bias=bias,
+    )
+    updates, gen_opt_state = tx.update(grads, gen_opt_state, gen_params)
+    gen_params = optax.apply_updates(gen_params, updates)
+    return gen_params, gen_opt_state, {'loss': loss, **aux}
+
+
+def llm_step(
+    trainable: Any,
+    opt_state: optax.OptState,
+    frozen: Any,
+    masks: Any,
+    batch: Any,
+    *,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformationExtraArgs,
+) -> tuple[Any, optax.OptState, dict[str, jax.Array]]:
+    """One LoRA update in LoRA-aware mode with given (sampled or frozen) masks.
+
+    The masks are treated as constants (``stop_gradient``) and forwarded to ``tx`` as the extra
+    arg ``masks=`` so a trailing ``group_lasso`` reads them.
+
+    Args:
+      trainable: the trained LLM parameters (LoRA factors).
+      opt_state: ``tx`` state.
+      frozen: the rest of the LLM parameters.
+      masks: masks in the models layout; during the control phase a fresh
+        ``sample_masks(generator_apply(gen_params), key)``, afterwards
+        :func:`atp_export_masks`.
+      batch: data batch.
+      loss_fn: as in :func:`generator_step`; called with ``lora_aware=True``.
+      tx: the LLM optimizer, e.g. ``optax.chain(optax.adamw(lr), group_lasso(...))``.
+
+    Returns:
+      ``(trainable, opt_state, {'loss': scalar})``.
+
+    References:
+      Lu et al., 2024 (ATP), Sec. 3.3 (LoRA-aware forward, group-lasso proximal update).
+    """
+    masks = jax.lax.stop_gradient(masks)
+
+    def loss(t):
+        return loss_fn(t, frozen, masks, batch, lora_aware=True)
+
+    value, grads = jax.value_and_grad(loss)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable, masks=masks)
+    return optax.apply_updates(trainable, updates), opt_state, {'loss': value}
+
+
+def sample_step_masks(
+    gen_params: Any,
+    key: jax.Array,
+    *,
+    temperature: float = _gumbel.DEFAULT_TEMPERATURE,
+    bias: float = _gumbel.DEFAULT_BIAS,
+) -> Any:
+    """Hard masks sampled from the generator (no gradient), for :func:`llm_step`."""
+    logits = jax.lax.stop_gradient(_atp_generator.generator_apply(gen_params))
+    return jax.lax.stop_gradient(
+        _gumbel.sample_masks(logits, key, temperature=temperature, bias=bias)
+    )
+
+
+def atp_export_masks(gen_params: Any, *, bias: float = _gumbel.DEFAULT_BIAS) -> Any:
+    """The generator's deterministic hard masks ``1[logit + bias >= 0]`` in the models layout.
+
+    Returns:
+      ``{'layers': ({'attn_in': f32[D], 'attn_ctx': f32[H*hd], 'attn_out': f32[D],
+      'mlp_in': f32[D], 'mlp': f32[F], 'mlp_out': f32[D]}, ...)}`` with values in ``{0, 1}``;
+      pass as ``model(..., masks=...)``.
+    """
+    return _gumbel.deterministic_masks(_atp_generator.generator_apply(gen_params), bias=bias)
+
+
+def atp_surgery_plan(
+    masks: Any, dims: Sequence[_density.LayerDims]
+) -> tuple[dict[str, np.ndarray], ...]:
+    """Kept index sets per layer implied by hard ATP masks (outside jit; numpy out).
+
+    Returns:
+      per layer ``{'attn_in', 'attn_out', 'mlp_in', 'mlp_out': int[kept D-dims],
+      'kv_groups': int[kept KV groups], 'v_cols': int[kept v_proj columns],
+      'o_rows': int[kept o_proj rows], 'mlp': int[kept neurons]}``.
+    """
+    plan = []
+    for layer_masks, d in zip(masks['layers'], dims, strict=True):
+        keep = _density.linear_keep(layer_masks, d)
+        idx = lambda v: np.flatnonzero(np.asarray(v) > 0.5)  # noqa: E731
+        plan.append({
+            'attn_in': idx(keep['q_proj'][0]),
+            'attn_out': idx(keep['o_proj'][1]),
+            'mlp_in': idx(keep['gate_proj'][0]),
+            'mlp_out': idx(keep['down_proj'][1]),
+            'kv_groups': idx(keep['k_proj'][1][:: d.head_dim]),
+            'v_cols': idx(keep['v_proj'][1]),
+            'o_rows': idx(keep['o_proj'][0]),
+            'mlp': idx(keep['gate_proj'][1]),
+        })
+    return tuple(plan)
+
+
+def causal_lm_loss(graphdef: Any) -> LossFn:
+    """A ``loss_fn`` for a ``jaxprune.models`` causal LM split as ``(graphdef, trainable,
+    frozen)`` with ``nnx.split(model, trainable_filter, ...)``.
+
+    The returned ``loss_fn(trainable, frozen, masks, batch, *, lora_aware)`` merges the model and
+    returns the mean next-token cross-entropy of ``batch['input_ids']`` against
+    ``batch['labels']`` (already aligned: position ``t`` predicts ``labels[t]``; entries ``< 0``
+    are ignored).
+    """
+    from flax import nnx  # models are NNX; the rest of this module is not.
+
+    def loss_fn(trainable, frozen, masks, batch, *, lora_aware):
+        model = nnx.merge(graphdef, trainable, frozen)
+        logits = model(batch['input_ids'], batch.get('attention_mask'), masks=masks,
+                       lora_aware=lora_aware)
+        labels = batch['labels']
+        valid = labels >= 0
+        ce = optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), jnp.where(valid, labels, 0)
+        )
+        return jnp.sum(ce * valid) / jnp.maximum(jnp.sum(valid), 1)
+
+    return loss_fn
