@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import pathlib
 import time
 from typing import Any
@@ -21,7 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxprune import config as config_lib
-from jaxprune.train import _ckpt, _data, _factory, _method, _metrics, _step
+from jaxprune.train import _data, _factory, _method, _metrics, _step
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ def setup(cfg: config_lib.RunCfg, *, mesh: jax.sharding.Mesh | None = None) -> S
         lambda x: x.astype(p_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, trainable)
     tx = cfg.train.build_optimizer(*method.transforms(trainable))
     if mesh is None:
-        mesh = sharding.make_mesh(cfg.mesh.shape(jax.device_count()))
+        shape = cfg.mesh.shape(jax.device_count())
+        mesh = sharding.make_mesh(shape, devices=jax.devices()[:math.prod(shape.values())])
     p_sh = sharding.param_shardings(trainable, mesh)
     r_sh = sharding.param_shardings(rest, mesh)
     o_sh = sharding.opt_state_shardings(jax.eval_shape(tx.init, trainable), p_sh)
@@ -115,6 +117,18 @@ def _tokens(batch: dict[str, np.ndarray]) -> int:
     return int(np.size(batch['input_ids']))
 
 
+def _checkpointer(cfg: config_lib.RunCfg):
+    from jaxprune import checkpoint
+
+    return checkpoint.Checkpointer(cfg.checkpoint_dir, max_to_keep=cfg.checkpoint.keep)
+
+
+def _abstract(state):
+    from jaxprune import sharding
+
+    return sharding.abstract_like(state)
+
+
 def _meta(cfg, step: int, data_position: int, skipped: int) -> dict[str, Any]:
     return {'step': step, 'data_position': data_position, 'skipped_nonfinite': skipped,
             'config': cfg.to_dict()}
@@ -140,12 +154,14 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
     config_lib.save_config(cfg, run_dir / 'config.yaml')
     s = setup(cfg, mesh=mesh)
     tcfg, task = cfg.train, cfg.model.task
-    ckpts = _ckpt.Checkpoints(cfg.checkpoint_dir, keep=cfg.checkpoint.keep)
+    ckpts = _checkpointer(cfg)
     data_position = 0
-    if cfg.checkpoint.resume and ckpts.latest_step() is not None:
-        s.state, meta = ckpts.restore(s.state)
-        data_position = int(meta['data_position'])
-        logger.info('resumed from step %d (data position %d)', meta['step'], data_position)
+    if cfg.checkpoint.resume:
+        found = ckpts.restore_latest_valid(target=_abstract(s.state))
+        if found is not None:
+            _, s.state, meta = found
+            data_position = int(meta['data_position'])
+            logger.info('resumed from step %d (data position %d)', meta['step'], data_position)
     start = int(s.state.step)
     log = _metrics.MetricsLogger(run_dir, total_steps=tcfg.steps, start_step=start,
                                  progress=progress)
@@ -199,11 +215,13 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
                 w_start = time.perf_counter()
             else:
                 log.advance(done)
+            paused = time.perf_counter()  # eval and checkpoints stay out of throughput
             if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:
                 log.log('eval', done, **evaluate_state(s))
             every = cfg.checkpoint.every
             if (every and done % every == 0) or done == tcfg.steps:
                 ckpts.save(done, s.state, _meta(cfg, done, data_position, int(s.state.skipped)))
+            w_start += time.perf_counter() - paused
         last = log.log('eval', int(s.state.step), **evaluate_state(s),
                        skipped_nonfinite=int(s.state.skipped))
     finally:
@@ -215,12 +233,12 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
 def evaluate(cfg: config_lib.RunCfg, *, split: str = 'validation') -> dict[str, Any]:
     """Evaluates the latest checkpoint of ``cfg`` (or the untrained model when there is none)."""
     s = setup(cfg)
-    ckpts = _ckpt.Checkpoints(cfg.checkpoint_dir, keep=cfg.checkpoint.keep)
+    ckpts = _checkpointer(cfg)
     step = 0
     try:
-        if ckpts.latest_step() is not None:
-            s.state, meta = ckpts.restore(s.state)
-            step = int(meta['step'])
+        found = ckpts.restore_latest_valid(target=_abstract(s.state), quarantine=False)
+        if found is not None:
+            step, s.state, _ = found
     finally:
         ckpts.close()
     return {'step': step, 'split': split, **evaluate_state(s, split=split)}

@@ -54,7 +54,6 @@ class MetricsLogger:
         if self._progress is None:
             shown = ' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}'
                              for k, v in rec.items() if k not in ('event', 'time'))
-            logger.info('%s %s', event, shown)
             print(f'[{event}] {shown}', file=sys.stderr, flush=True)
         elif event == 'eval':
             self._progress.console.print(

@@ -145,7 +145,7 @@ def train_step(
         'ce': aux['ce'],
         'accuracy': aux['correct'] / jnp.maximum(aux['count'], 1.0),
         'count': aux['count'],
-        'grad_norm': optax.global_norm(grads),
+        'grad_norm': optax.tree.norm(grads),
         'nonfinite': jnp.where(ok, 0.0, 1.0),
         **{k: v for k, v in aux.items() if k not in ('loss_sum', 'correct', 'count', 'ce')},
     }
