@@ -151,10 +151,10 @@ def sparse24_matmul_gpu(
 
     out = plgpu.kernel(
         body,
-        out_shape=jax.ShapeDtypeStruct((m_pad, n), dtype),
+        out_type=jax.ShapeDtypeStruct((m_pad, n), dtype),
         grid=(m_pad // bm, n // bn),
         grid_names=('m', 'n'),
-        scratch_shapes=[
+        scratch_types=[
             plgpu.SMEM((8, bk8, bn), dtype, transforms=_transforms(bn, dtype)),
             plgpu.SMEM((bm, bn), dtype, transforms=_transforms(bn, dtype)),
         ],
