@@ -11,14 +11,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxprune.kernels.sparse24 import format as fmt
-from jaxprune.kernels.sparse24 import ops
-from jaxprune.kernels.sparse24 import pallas_gpu
-from jaxprune.kernels.sparse24 import pallas_tpu
-from jaxprune.kernels.sparse24 import reference
-from jaxprune.kernels.sparse24 import xla
+from jaxprune.kernels.sparse24 import ops, pallas_gpu, pallas_tpu, reference, xla
 
 Implementation = Literal['pallas', 'xla'] | None
 _IMPLEMENTATIONS = (None, 'pallas', 'xla')
+_LOG = logging.getLogger(__name__)
 
 
 def _pallas_forward(backend: str, interpret: bool, blocks: dict) -> ops.Forward:
@@ -107,7 +104,7 @@ def sparse24_matmul(
                 forward = _pallas_forward(backend, interpret, blocks)
                 jax.eval_shape(forward, x2, s)  # validation runs here, before any pallas_call
             except NotImplementedError as e:
-                logging.info('sparse24_matmul: Pallas unavailable (%s); using the reference', e)
+                _LOG.info('sparse24_matmul: Pallas unavailable (%s); using the reference', e)
                 forward = reference.matmul_reference
     y = ops.sparse24_matmul_op(x2, s, forward)
     return y.reshape(*lead, n).astype(jnp.result_type(x.dtype, s.values.dtype))

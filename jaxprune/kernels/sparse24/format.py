@@ -76,7 +76,7 @@ def _check_dense(w, name: str = 'w') -> None:
 
 def _check_sparse(s: Sparse24) -> None:
     if not isinstance(s, Sparse24):
-        raise ValueError(f'{type(s)=} must be Sparse24; build one with compress(w)')
+        raise TypeError(f'{type(s)=} must be Sparse24; build one with compress(w)')
     v, m = s.values, s.meta
     if np.ndim(v) != 3 or np.shape(v)[0] != KEEP:
         raise ValueError(f'{s.values.shape=} must be (2, K/4, N)')

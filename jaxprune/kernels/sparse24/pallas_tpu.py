@@ -135,7 +135,7 @@ def sparse24_matmul_tpu(
     xq = deinterleave8(x)
     v4 = s.values.reshape(2, rows8, 2, n)  # free view: [plane, byte row, parity, N]
     grid = (pl.cdiv(m, bm), pl.cdiv(n, bn), pl.cdiv(rows8, bk8))
-    parity_spec = lambda p: pl.BlockSpec(  # noqa: E731
+    parity_spec = lambda p: pl.BlockSpec(
         (2, bk8, pl.Squeezed(), bn), lambda i, j, kk: (0, kk, p, j)
     )
     return pl.pallas_call(

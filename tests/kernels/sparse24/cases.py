@@ -10,9 +10,9 @@ from jaxprune.kernels.sparse24 import format as fmt
 CASES = [
     (1, 8, 24, {}),
     (3, 8, 24, {}),
-    (17, 512, 384, dict(block_n=128, block_k=256)),
-    (100, 64, 40, dict(block_m=32, block_n=16, block_k=32)),
-    (5, 520, 24, dict(block_k=128)),
+    (17, 512, 384, {'block_n': 128, 'block_k': 256}),
+    (100, 64, 40, {'block_m': 32, 'block_n': 16, 'block_k': 32}),
+    (5, 520, 24, {'block_k': 128}),
 ]
 CASE_IDS = [f'M{m}_K{k}_N{n}' for m, k, n, _ in CASES]
 
@@ -21,8 +21,8 @@ DTYPES = [jnp.float32, jnp.bfloat16]
 # Stated tolerances: f32 accumulates in f32 on every path (differences are summation order only);
 # bf16 outputs are rounded to bf16 on every path, so paths may differ by one bf16 ulp (2^-7 rel).
 TOL = {
-    jnp.dtype(jnp.float32): dict(rtol=1e-5, atol=1e-4),
-    jnp.dtype(jnp.bfloat16): dict(rtol=2**-7, atol=1e-2),
+    jnp.dtype(jnp.float32): {'rtol': 1e-5, 'atol': 1e-4},
+    jnp.dtype(jnp.bfloat16): {'rtol': 2**-7, 'atol': 1e-2},
 }
 
 

@@ -119,5 +119,5 @@ def test_error_malformed_sparse24():
         fmt.decompress(fmt.Sparse24(s.values, s.meta.astype(jnp.int32)))
     with pytest.raises(ValueError, match=r'must be \(2, K/4, N\)'):
         fmt.decompress(fmt.Sparse24(s.values[:1], s.meta))
-    with pytest.raises(ValueError, match='must be Sparse24'):
+    with pytest.raises(TypeError, match='must be Sparse24'):
         fmt.decompress((s.values, s.meta))

@@ -9,13 +9,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxprune.kernels.sparse24 import api
+from jaxprune.kernels.sparse24 import api, ops, pallas_gpu, pallas_tpu, reference, xla
 from jaxprune.kernels.sparse24 import format as fmt
-from jaxprune.kernels.sparse24 import ops
-from jaxprune.kernels.sparse24 import pallas_gpu
-from jaxprune.kernels.sparse24 import pallas_tpu
-from jaxprune.kernels.sparse24 import reference
-from jaxprune.kernels.sparse24 import xla
 
 
 def _dense_ref(x, s):
@@ -48,7 +43,7 @@ def test_sparse24_matmul_matches_reference(m, k, n, blocks, dtype, impl):
 
 
 @pytest.mark.parametrize(
-    'm,k,n,blocks', [(1, 8, 24, {}), (100, 520, 40, dict(block_m=32, block_n=16, block_k=128))]
+    'm,k,n,blocks', [(1, 8, 24, {}), (100, 520, 40, {'block_m': 32, 'block_n': 16, 'block_k': 128})]
 )
 def test_dense_pallas_kernel_matches_jnp(m, k, n, blocks):
     w = jnp.asarray(cases.make_24(0, k, n)) + 1.0  # dense weights
@@ -58,7 +53,7 @@ def test_dense_pallas_kernel_matches_jnp(m, k, n, blocks):
 
 
 @pytest.mark.parametrize(
-    'm,k,n,blocks', [(3, 256, 128, dict(block_k=128)), (17, 512, 64, dict(block_k=256))]
+    'm,k,n,blocks', [(3, 256, 128, {'block_k': 128}), (17, 512, 64, {'block_k': 256})]
 )
 def test_pallas_gpu_interpret_matches_reference(m, k, n, blocks):
     dtype = jnp.bfloat16
