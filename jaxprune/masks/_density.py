@@ -242,7 +242,9 @@ def density(masks: Mapping[str, Any], dims: Sequence[LayerDims]) -> jax.Array:
 
 
 def log_ratio(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike) -> jax.Array:
-    r"""ATP's density regulariser :math:`R(x, y) = \log(\max(x, y) / \min(x, y)) = |\log x - \log y|`.
+    r"""ATP's density regulariser :math:`R(x, y) = \log(\max(x, y) / \min(x, y))`.
+
+    Equivalently :math:`|\log x - \log y|`.
 
     Symmetric, zero iff ``x == y``, and scale-free: over- and under-shooting the target by the
     same factor cost the same. Inputs must be positive.
