@@ -97,7 +97,7 @@ def _mask_for(config, struct, keep):
 
 @pytest.mark.parametrize('config', CONFIGS)
 @pytest.mark.parametrize('kind', ['heads', 'mlp', 'hidden'])
-def test_pruned_logits_equal_masked_logits(config, kind, graph_mode):
+def test_pruned_logits_equal_masked_logits(config, kind):
     """Invariant (tolerance 1e-5, float32): slicing the units out == masking them."""
     model = _model(config, LORA, seed=1)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
