@@ -105,13 +105,18 @@ class Checkpointer:
         reading the files or exiting.
 
     Example:
-      >>> ckpt = Checkpointer('/tmp/run/ckpt', max_to_keep=2)
-      >>> state = {'params': params, 'opt_state': opt_state, 'rng': key}
-      >>> ckpt.save(100, state, {'batches_seen': 100, 'config': cfg_dict})
+      >>> import tempfile
+      >>> ckpt = Checkpointer(tempfile.mkdtemp(), max_to_keep=2)
+      >>> state = {'params': {'w': jnp.ones((2, 3))}, 'rng': jax.random.key(0)}
+      >>> ckpt.save(100, state, {'batches_seen': 100})
       True
-      >>> target = jax.eval_shape(lambda: state)  # or with shardings: sharding.abstract_like
-      >>> state, meta = ckpt.restore(target=target)  # latest step
-      >>> found = ckpt.restore_latest_valid(target=target)  # None when the directory is empty
+      >>> target = jax.eval_shape(lambda: state)  # with shardings: sharding.abstract_like
+      >>> restored, meta = ckpt.restore(target=target)  # latest step
+      >>> meta
+      {'batches_seen': 100}
+      >>> step, restored, meta = ckpt.restore_latest_valid(target=target)  # None if empty
+      >>> step
+      100
     """
 
     def __init__(

@@ -52,6 +52,7 @@ def tree_diff(expected: Any, found: Any) -> list[str]:
       ``dtype: <path> expected bfloat16, found float32``.
 
     Example:
+      >>> import jax.numpy as jnp
       >>> tree_diff({'w': jnp.zeros((2, 3))}, {'w': jnp.zeros((2, 4)), 'b': jnp.zeros(3)})
       ['unexpected: b (found float32[3])', 'shape: w expected (2, 3), found (2, 4)']
     """

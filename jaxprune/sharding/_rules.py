@@ -104,9 +104,9 @@ def logical_to_spec(
       ValueError: if a name is missing from ``rules`` or ``shape`` has a different rank.
 
     Example:
-      >>> mesh = make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})  # 8 devices
-      >>> logical_to_spec(('embed', 'mlp'), DEFAULT_RULES, mesh, shape=(64, 6))
-      PartitionSpec('fsdp', None)
+      >>> mesh = jax.sharding.AbstractMesh((2, 2, 2), ('data', 'fsdp', 'tensor'))
+      >>> logical_to_spec(('embed', 'mlp'), DEFAULT_RULES, mesh, shape=(64, 5))  # 5 % 2 != 0
+      P('fsdp', None)
     """
     axes = tuple(axes)
     if shape is not None and len(shape) != len(axes):
@@ -163,9 +163,9 @@ def batch_sharding(
       ``NamedSharding(mesh, P(('data', 'fsdp')))`` (axes of size 1 dropped).
 
     Example:
-      >>> mesh = make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+      >>> mesh = jax.sharding.AbstractMesh((2, 2, 2), ('data', 'fsdp', 'tensor'))
       >>> batch_sharding(mesh).spec
-      PartitionSpec(('data', 'fsdp'),)
+      P(('data', 'fsdp'),)
     """
     shape = None if batch_size is None else (batch_size,)
     spec = logical_to_spec((BATCH,), rules, mesh, shape=shape)

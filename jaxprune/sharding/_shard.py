@@ -59,9 +59,13 @@ def param_shardings(
       ValueError: if a Variable's logical axes do not match its rank or name an unknown axis.
 
     Example:
-      >>> graphdef, params = nnx.split(model, nnx.Param)
-      >>> shardings = param_shardings(params, make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2}))
-      >>> params = shard_like(params, shardings)
+      >>> lin = nnx.Linear(
+      ...     8, 4, rngs=nnx.Rngs(0),
+      ...     kernel_metadata={'out_sharding': ('embed', 'mlp'), 'eager_sharding': False})
+      >>> mesh = jax.sharding.AbstractMesh((2, 2), ('fsdp', 'tensor'))  # or make_mesh(...)
+      >>> shardings = nnx.to_pure_dict(param_shardings(nnx.state(lin, nnx.Param), mesh))
+      >>> shardings['kernel'].spec, shardings['bias'].spec
+      (P('fsdp', 'tensor'), P())
     """
 
     def one(x):
@@ -85,6 +89,12 @@ def _path_key(path) -> tuple[str, ...]:
         else:
             out.append(str(k))
     return tuple(out)
+
+
+def _strip_value(key: tuple[str, ...]) -> tuple[str, ...]:
+    # nnx.Variable leaves add a trailing ``value`` segment; dropping it lets shardings computed
+    # on an ``nnx.State`` match an optimizer state built from its pure-dict form and vice versa.
+    return key[:-1] if key and key[-1] == 'value' else key
 
 
 def mask_shardings(
@@ -152,8 +162,13 @@ def opt_state_shardings(
       ValueError: if ``params_shardings`` holds no ``NamedSharding`` (so no mesh is known).
 
     Example:
-      >>> p_sh = param_shardings(params, mesh)
-      >>> o_sh = opt_state_shardings(jax.eval_shape(tx.init, params), p_sh)
+      >>> import optax
+      >>> mesh = jax.sharding.AbstractMesh((2,), ('fsdp',))
+      >>> p_sh = {'w': NamedSharding(mesh, PartitionSpec('fsdp'))}
+      >>> opt_state = jax.eval_shape(optax.adam(1e-3).init, {'w': jax.numpy.ones(4)})
+      >>> o_sh = opt_state_shardings(opt_state, p_sh)
+      >>> o_sh[0].mu['w'].spec, o_sh[0].count.spec
+      (P('fsdp',), P())
     """
     sh_leaves = jax.tree_util.tree_flatten_with_path(
         params_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)
@@ -164,11 +179,11 @@ def opt_state_shardings(
             'build it with param_shardings(params, mesh)'
         )
     mesh = sh_leaves[0][1].mesh
-    table = {_path_key(p): s for p, s in sh_leaves}
+    table = {_strip_value(_path_key(p)): s for p, s in sh_leaves}
     by_len = sorted(table, key=len, reverse=True)
 
     def one(path, x):
-        key = _path_key(path)
+        key = _strip_value(_path_key(path))
         shape = getattr(x, 'shape', ())
         for pkey in by_len:
             if len(pkey) > len(key) or key[len(key) - len(pkey) :] != pkey:

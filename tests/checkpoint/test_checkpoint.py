@@ -264,3 +264,38 @@ def test_restore_into_sharded_target(tmp_ckpt):
         assert r.sharding == t.sharding
     kernel = restored['params']['dense']['kernel']
     assert {s.data.shape for s in kernel.addressable_shards} == {(4, 2)}
+
+
+def test_restore_nnx_state_with_derived_shardings(tmp_ckpt):
+    """The trainer's path: nnx.State params + adamw state, targets from jaxprune.sharding."""
+    from flax import nnx
+
+    from jaxprune.sharding import _shard
+
+    class Tiny(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Param(
+                jax.random.normal(rngs.params(), (8, 16)),
+                out_sharding=('embed', 'mlp'),
+                eager_sharding=False,
+            )
+            self.bias = nnx.Param(jnp.ones((16,)), out_sharding=('mlp',), eager_sharding=False)
+
+    _, params = nnx.split(Tiny(nnx.Rngs(0)), nnx.Param)
+    tx = optax.adamw(1e-2)
+    state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.array(3)}
+    ckpt = _checkpointer.Checkpointer(tmp_ckpt)
+    ckpt.save(3, state, {'batches_seen': 3})
+
+    mesh = _mesh.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+    p_sh = _shard.param_shardings(params, mesh)
+    o_sh = _shard.opt_state_shardings(jax.eval_shape(tx.init, params), p_sh)
+    shardings = {'params': p_sh, 'opt_state': o_sh, 'step': NamedSharding(mesh, P())}
+    target = _shard.abstract_like(jax.eval_shape(lambda: state), shardings)
+    restored, meta = ckpt.restore(target=target)
+    assert meta == {'batches_seen': 3}
+    _assert_identical(restored, state)
+    assert isinstance(restored['params'], nnx.State)
+    assert restored['params']['up'][...].sharding.spec == P('fsdp', 'tensor')
+    assert restored['opt_state'][0].mu['up'][...].sharding.spec == P('fsdp', 'tensor')
+    assert restored['opt_state'][0].count.sharding.spec == P()

@@ -303,3 +303,24 @@ def test_unsharded_jit_step_keeps_types():
     for _ in range(3):
         params, opt_state, _ = step(params, opt_state, batch)
         assert jax.tree.map(jax.typeof, (params, opt_state)) == t0
+
+
+def test_opt_state_shardings_nnx_shardings_match_pure_dict_state():
+    """Shardings from an nnx.State apply to an optimizer state built on its pure-dict form."""
+    mesh = _mesh.make_mesh(MESH3)
+    _, params, tx, _ = _setup()
+    p_sh = _shard.param_shardings(params, mesh)
+    o_sh = _shard.opt_state_shardings(jax.eval_shape(tx.init, nnx.to_pure_dict(params)), p_sh)
+    assert o_sh[0].mu['up'].spec == P('fsdp', 'tensor')
+    assert o_sh[0].nu['down'].spec == P('tensor', 'fsdp')
+
+
+def test_abstract_like_carries_shardings():
+    mesh = _mesh.make_mesh(MESH3)
+    tree = {'w': jnp.ones((8, 4)), 'k': jax.random.key(0)}
+    sh = {'w': NamedSharding(mesh, P('fsdp')), 'k': NamedSharding(mesh, P())}
+    out = _shard.abstract_like(tree, sh)
+    assert out['w'] == jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=sh['w'])
+    assert out['k'].dtype == tree['k'].dtype and out['k'].sharding == sh['k']
+    kept = _shard.abstract_like(_shard.shard_like(tree, sh))
+    assert kept['w'].sharding == sh['w']
