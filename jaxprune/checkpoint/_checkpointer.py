@@ -2,6 +2,7 @@
 
 import json
 import logging
+import operator
 import pathlib
 import time
 from typing import Any, Self
@@ -57,6 +58,12 @@ def _rewrap(target: Any, restored: Any) -> Any:
     return jax.tree.map(one, target, restored)
 
 
+@jax.jit
+def _all_finite(xs: list[jax.Array]) -> list[jax.Array]:
+    # Jitted once per state structure (cached across saves); one small reduction per leaf.
+    return [jnp.all(jnp.isfinite(x)) for x in xs]
+
+
 def _nonfinite_paths(state: Any) -> list[str]:
     leaves = [
         (path, x)
@@ -65,8 +72,7 @@ def _nonfinite_paths(state: Any) -> list[str]:
     ]
     if not leaves:
         return []
-    flags = jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])([x for _, x in leaves])
-    flags = jax.device_get(flags)
+    flags = jax.device_get(_all_finite([x for _, x in leaves]))
     return [_diff._key_str(path) for (path, _), ok in zip(leaves, flags) if not ok]
 
 
@@ -167,7 +173,8 @@ class Checkpointer:
 
         Args:
           step: the training step (non-negative int, larger than every saved step).
-          state: pytree of arrays (params, opt state incl. masks, PRNG keys, ...).
+          state: pytree of arrays (params, opt state incl. masks, PRNG keys, ...). Use arrays,
+            not Python scalars, for counters: a restore target needs ``shape``/``dtype``.
           meta: JSON-serialisable dict (data position, config, metrics); ``{}`` if omitted.
 
         Returns:
@@ -176,8 +183,16 @@ class Checkpointer:
         Raises:
           NonFiniteStateError: (a ``ValueError``) if a float leaf contains NaN/Inf; names every
             such leaf. Nothing is written, so a NaN is never checkpointed.
-          ValueError: if ``meta`` is not JSON-serialisable or ``step`` already exists.
+          ValueError: if ``step`` is negative or already on disk, or ``meta`` is not JSON.
         """
+        try:
+            if isinstance(step, bool):
+                raise TypeError
+            step = operator.index(step)  # accepts numpy / jax integer scalars
+        except TypeError as e:
+            raise ValueError(f'{step=} must be a non-negative int') from e
+        if step < 0:
+            raise ValueError(f'{step=} must be a non-negative int')
         meta = {} if meta is None else meta
         _check_json(meta)
         if step in self.all_steps():

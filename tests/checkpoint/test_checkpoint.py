@@ -299,3 +299,17 @@ def test_restore_nnx_state_with_derived_shardings(tmp_ckpt):
     assert restored['params']['up'][...].sharding.spec == P('fsdp', 'tensor')
     assert restored['opt_state'][0].mu['up'][...].sharding.spec == P('fsdp', 'tensor')
     assert restored['opt_state'][0].count.sharding.spec == P()
+
+
+@pytest.mark.parametrize('step', [-1, 1.5, True, 'x'])
+def test_save_rejects_bad_step(tmp_ckpt, step):
+    ckpt = _checkpointer.Checkpointer(tmp_ckpt)
+    with pytest.raises(ValueError, match='non-negative int'):
+        ckpt.save(step, {'w': jnp.ones(2)})
+
+
+def test_save_accepts_integer_scalars(tmp_ckpt):
+    ckpt = _checkpointer.Checkpointer(tmp_ckpt)
+    assert ckpt.save(np.int64(4), {'w': jnp.ones(2)})
+    assert ckpt.save(jnp.asarray(5), {'w': jnp.ones(2)})
+    assert ckpt.all_steps() == [4, 5]
