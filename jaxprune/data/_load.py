@@ -39,7 +39,7 @@ def _split_files(folder: pathlib.Path) -> dict[str, list[pathlib.Path]]:
         hits = [p for p in files if p.stem.lower().split('.')[0] in aliases]
         if hits:
             found[split] = hits
-    return found if found else {'all': files}
+    return found if found else {'unsplit': files}
 
 
 def seeded_split(ds: datasets.Dataset, *, seed: int) -> datasets.DatasetDict:
@@ -102,14 +102,14 @@ def load_dataset(name_or_path: str | os.PathLike, *, seed: int = 0) -> datasets.
             raise FileNotFoundError(
                 f'{ref=} is neither a dataset asset ({names}) nor an existing file or folder.{hint}'
             )
-        files = _split_files(path) if path.is_dir() else {'all': [path]}
+        files = _split_files(path) if path.is_dir() else {'unsplit': [path]}
         if not any(files.values()):
             raise ValueError(f'{path=} holds no file with extension in {sorted(_BUILDERS)}')
     builder, kwargs = _builder([p for ps in files.values() for p in ps])
     data_files = {s: [str(p) for p in ps] for s, ps in files.items()}
     dd = datasets.load_dataset(builder, data_files=data_files, **kwargs)
-    if 'all' in dd:
-        dd = seeded_split(dd['all'], seed=seed)
+    if 'unsplit' in dd:
+        dd = seeded_split(dd['unsplit'], seed=seed)
     missing = [s for s in SPLITS if s not in dd]
     if missing:
         raise ValueError(
