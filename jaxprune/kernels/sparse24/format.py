@@ -197,7 +197,12 @@ def planes(s: Sparse24) -> Float[Array, '4 G N']:
 
 
 def decompress(s: Sparse24) -> Float[Array, 'K N']:
-    """Dense ``[K, N]`` kernel from a :class:`Sparse24` (exact)."""
+    """Dense ``[K, N]`` kernel from a :class:`Sparse24` (exact).
+
+    Raises:
+      TypeError: ``s`` is not a ``Sparse24``.
+      ValueError: ``values``/``meta`` shapes or dtypes inconsistent with the format.
+    """
     d = planes(s)  # [4, G, N]
     return jnp.moveaxis(d, 0, 1).reshape(s.shape)
 

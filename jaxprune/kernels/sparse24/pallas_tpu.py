@@ -12,8 +12,9 @@ block are never stored); a ragged last K block is masked with ``where`` on both 
 whatever the padded region holds (NaN included) cannot leak into the sum.
 
 Verified here: interpret mode on CPU against the reference (tests/kernels/sparse24). Not verified:
-a compiled Mosaic TPU run (no TPU in this project's sessions); block sizes follow the (8, 128)
-VMEM tiling rule for f32 and are the first thing to check on a real TPU.
+a compiled Mosaic TPU run (no TPU in this project's sessions). On a real TPU check first: block
+sizes against the VMEM tiling rule ((8|16, 128) for 32|16-bit operands, (32, 128) for the uint8
+meta, so ``block_k >= 256``), and the squeezed parity axis of the values view.
 """
 
 from __future__ import annotations
@@ -33,8 +34,11 @@ def _round_up(a: int, b: int) -> int:
     return -(-a // b) * b
 
 
-def _block_m(m: int, block_m: int | None) -> int:
-    return block_m if block_m is not None else min(_round_up(m, 8), 256)
+def _block_m(m: int, block_m: int | None, dtype) -> int:
+    # sublane tile: 8 rows for 32-bit, 16 for 16-bit operands
+    return (
+        block_m if block_m is not None else min(_round_up(m, 32 // jnp.dtype(dtype).itemsize), 256)
+    )
 
 
 def _mask_k(k_rows: int, bk: int, axis: int, shape: tuple[int, int]):
@@ -112,7 +116,7 @@ def sparse24_matmul_tpu(
     Args:
       x: ``[M, K]`` activations.
       s: compressed ``W[K, N]`` with ``K % 8 == 0``.
-      block_m: rows per block (default ``min(round_up(M, 8), 256)``).
+      block_m: rows per block (default ``min(round_up(M, 8 or 16 by dtype), 256)``).
       block_n: output columns per block (clipped to ``N``).
       block_k: contraction rows per block, a multiple of 8 (clipped to ``K``).
       interpret: run the Pallas interpreter (CPU).
@@ -128,7 +132,7 @@ def sparse24_matmul_tpu(
     m, k = x.shape
     n = s.shape[1]
     out_dtype = jnp.result_type(x.dtype, s.values.dtype)
-    bm = _block_m(m, block_m)
+    bm = _block_m(m, block_m, x.dtype)
     bn = min(block_n, n)
     bk8 = min(block_k, k) // 8
     rows8 = k // 8
@@ -200,7 +204,7 @@ def dense_matmul_tpu(
         raise ValueError(f'{block_m=}, {block_n=}, {block_k=} must be positive')
     m, k = x.shape
     n = w.shape[1]
-    bm = _block_m(m, block_m)
+    bm = _block_m(m, block_m, x.dtype)
     bn, bk = min(block_n, n), min(block_k, k)
     return pl.pallas_call(
         functools.partial(dense_kernel, rows=k, bk=bk),
