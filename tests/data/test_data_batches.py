@@ -98,8 +98,11 @@ def test_classification_resume_equals_tail(tok, start):
 
 def test_classification_no_shuffle_no_drop(tok):
     ds = _cls_ds(n=11)
-    got = list(data.classification_batches(ds, tok, batch_size=4, max_len=64, seed=0,
-                                           shuffle=False, drop_remainder=False, num_epochs=2))  # fmt: skip
+    it = data.classification_batches(
+        ds, tok, batch_size=4, max_len=64, seed=0, shuffle=False, drop_remainder=False,
+        num_epochs=2,
+    )
+    got = list(it)
     assert [len(b['labels']) for b in got] == [4, 4, 3, 4, 4, 3]
     np.testing.assert_array_equal(np.concatenate([b['labels'] for b in got[:3]]), ds['label'])
 
@@ -167,7 +170,10 @@ def test_lm_resume_equals_tail(tok, start):
 
 def test_lm_deterministic_and_seeded(tok):
     ds = _lm_ds()
-    run = lambda s: _take(data.lm_batches(ds, tok, batch_size=2, seq_len=8, seed=s), 20)  # noqa: E731
+
+    def run(s):
+        return _take(data.lm_batches(ds, tok, batch_size=2, seq_len=8, seed=s), 20)
+
     assert _equal(run(0), run(0)) and not _equal(run(0), run(1))
 
 
