@@ -177,7 +177,9 @@ def pip_download(
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK='1', PIP_NO_INPUT='1')
     log.info('fetching %s: %s', requirement, ' '.join(cmd))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        proc = subprocess.run(
+            cmd, check=False, capture_output=True, text=True, env=env, timeout=timeout
+        )
     except subprocess.TimeoutExpired as e:
         raise RuntimeError(
             f'pip download of {requirement!r} timed out after {timeout=}s; run it by hand:\n'
@@ -205,7 +207,7 @@ def _archive_members(archive: pathlib.Path) -> tuple[list[str], Callable[[str], 
         table = {_strip(n, strip): n for n in names}
         return list(table), lambda rel: zf.open(table[rel])
     if tarfile.is_tarfile(archive):
-        tf = tarfile.open(archive)
+        tf = tarfile.open(archive)  # noqa: SIM115 - members are read after returning
         infos = [m for m in tf.getmembers() if m.isfile()]
         strip = _common_top([m.name for m in infos])
         table = {_strip(m.name, strip): m for m in infos}

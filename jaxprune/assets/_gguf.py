@@ -80,7 +80,10 @@ def _metadata(reader: Any) -> dict:
     arch = _field(reader, 'general.architecture')
     if arch != 'llama':
         raise ValueError(f'{arch=} is not supported; gguf_to_hf converts llama GGUF files only')
-    g = lambda k, d=None: _field(reader, f'llama.{k}', d)  # noqa: E731
+
+    def g(key: str, default: Any = None) -> Any:
+        return _field(reader, f'llama.{key}', default)
+
     n_head = int(g('attention.head_count'))
     hidden = int(g('embedding_length'))
     return {
@@ -118,8 +121,8 @@ def gguf_to_hf(
       FileNotFoundError: ``gguf_path`` does not exist.
       ValueError: non-llama architecture, unknown tensor name or unsupported ``dtype``.
     """
-    import gguf  # noqa: PLC0415 - heavy, only needed here
-    import safetensors.numpy  # noqa: PLC0415
+    import gguf  # lazy: heavy, only needed here
+    import safetensors.numpy
 
     gguf_path = pathlib.Path(gguf_path)
     if not gguf_path.is_file():
@@ -181,7 +184,7 @@ def gguf_to_hf(
 
 
 def _bf16() -> Any:
-    import ml_dtypes  # noqa: PLC0415
+    import ml_dtypes
 
     return ml_dtypes.bfloat16
 
@@ -198,9 +201,9 @@ def write_tokenizer(reader: Any, out_dir: pathlib.Path) -> None:
       NotImplementedError: the vocabulary is not byte-level BPE (``tokenizer.ggml.model`` other
         than ``gpt2``), e.g. SentencePiece llama vocabularies.
     """
-    import tokenizers  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
-    from tokenizers import decoders, models, pre_tokenizers, processors  # noqa: PLC0415
+    import tokenizers
+    import transformers
+    from tokenizers import decoders, models, pre_tokenizers, processors
 
     kind = _field(reader, 'tokenizer.ggml.model')
     if kind != 'gpt2':

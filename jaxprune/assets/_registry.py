@@ -6,7 +6,6 @@ import bz2
 import csv
 import dataclasses
 import difflib
-import io
 import json
 import os
 import pathlib

@@ -85,12 +85,12 @@ def resolve_model(
 
 
 def _snapshot(repo_id: str) -> pathlib.Path:
-    import huggingface_hub  # noqa: PLC0415
+    import huggingface_hub
 
     patterns = ['*.json', '*.safetensors', '*.txt', '*.model', 'tokenizer*', '*.jinja']
     try:
         return pathlib.Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:  # noqa: BLE001 - re-raised with the fix
+    except Exception as e:  # re-raised with the fix
         raise RuntimeError(
             f'downloading {repo_id=} from the Hugging Face hub failed ({e}). Without hub access '
             'pass a local HF folder, a .gguf file or an asset name such as smollm2-135m.'

@@ -245,8 +245,8 @@ def lm_batches(
         raise ValueError(f'the split has {total} tokens, fewer than {batch_size=} windows of '
                          f'{seq_len=}; lower them or use more text')  # fmt: skip
     per_epoch = ((total - 1) // seq_len) // batch_size
-    epoch, offset = divmod(start, per_epoch)
-    for epoch in itertools.count(epoch):
+    first_epoch, offset = divmod(start, per_epoch)
+    for epoch in itertools.count(first_epoch):
         rng = np.random.default_rng((seed, epoch))
         order = rng.permutation(len(docs)) if shuffle else np.arange(len(docs))
         windows = pack(docs, order, seq_len)

@@ -169,8 +169,9 @@ def test_extract_refuses_paths_outside_destination(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ('name', 'hint'), [('shakespear', 'shakespeare'), ('smollm2', 'smollm2-135m'),
-                       ('rotten_tomatoes', 'rotten-tomatoes')]  # fmt: skip
+    ('name', 'hint'),
+    [('shakespear', 'shakespeare'), ('smollm2', 'smollm2-135m'),
+     ('rotten_tomatoes', 'rotten-tomatoes')],
 )
 def test_unknown_asset_did_you_mean(name, hint):
     with pytest.raises(ValueError, match=f"Did you mean '{hint}'"):

@@ -8,7 +8,7 @@ import pytest
 import safetensors.numpy
 import tiny_gguf
 import transformers
-from tiny_gguf import D, F, H, HD, KV, LAYERS, QUANTISED, llama_cpp_permute, tiny_vocab
+from tiny_gguf import HD, KV, LAYERS, QUANTISED, D, F, H, llama_cpp_permute, tiny_vocab
 
 from jaxprune import assets
 from jaxprune.assets import _gguf

@@ -41,7 +41,7 @@ def _equal(a: list[dict], b: list[dict]) -> bool:
 @pytest.mark.parametrize(
     ('longest', 'max_len', 'bucket', 'want'),
     [(1, 128, 16, 16), (16, 128, 16, 16), (17, 128, 16, 32), (100, 64, 16, 64), (0, 8, 16, 8),
-     (33, 128, 'pow2', 64), (64, 128, 'pow2', 64), (5, 512, 8, 8)],  # fmt: skip
+     (33, 128, 'pow2', 64), (64, 128, 'pow2', 64), (5, 512, 8, 8)],
 )
 def test_bucket_length(longest, max_len, bucket, want):
     assert data.bucket_length(longest, max_len=max_len, bucket=bucket) == want
@@ -78,9 +78,11 @@ def test_classification_epochs_cover_rows_and_reshuffle(tok):
 
 def test_classification_deterministic_and_seeded(tok):
     ds = _cls_ds()
-    run = lambda seed: _take(  # noqa: E731
-        data.classification_batches(ds, tok, batch_size=5, max_len=32, seed=seed), 25
-    )
+
+    def run(seed):
+        it = data.classification_batches(ds, tok, batch_size=5, max_len=32, seed=seed)
+        return _take(it, 25)
+
     assert _equal(run(7), run(7))
     assert not _equal(run(7), run(8))
 
