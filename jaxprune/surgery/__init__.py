@@ -1,0 +1,16 @@
+"""Surgery: physically remove pruned structures, outside ``jit``.
+
+Design: surgery is data-driven by ``jaxprune.models.structures`` (which parameter slices each
+head group, FFN neuron and hidden dim owns), so one pure function prunes params, optimizer state
+(``prune_like``) and unit-layout state such as APT masks and salience EMAs (``prune_units``).
+The invariant tested for every model: the pruned model's outputs equal the masked model's.
+A structure pruned completely keeps one zeroed unit (configs need >= 1 unit per layer).
+LoRA rank changes are a separate step (``jaxprune.lora._grow``).
+"""
+
+from jaxprune.surgery._prune import effective_keep as effective_keep
+from jaxprune.surgery._prune import prune as prune
+from jaxprune.surgery._prune import prune_like as prune_like
+from jaxprune.surgery._prune import prune_model as prune_model
+from jaxprune.surgery._prune import prune_units as prune_units
+from jaxprune.surgery._prune import pruned_config as pruned_config
