@@ -38,7 +38,12 @@ def _unwrap_keys(state: Any) -> Any:
     return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
 
 
-def _storage_target(x: Any) -> jax.ShapeDtypeStruct:
+def _storage_target(path, x: Any) -> jax.ShapeDtypeStruct:
+    if not (hasattr(x, 'shape') and hasattr(x, 'dtype')):
+        raise ValueError(
+            f'restore target leaf {_diff._key_str(path)!r} is {type(x).__name__}, not an array; '
+            'build the target with jax.eval_shape(...) or jax.ShapeDtypeStruct leaves'
+        )
     sharding = getattr(x, 'sharding', None)
     if not _is_key(x):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
@@ -278,7 +283,7 @@ class Checkpointer:
             raise FileNotFoundError(
                 f'{step=} not found in {self.directory}; available steps: {steps}'
             )
-        storage_target = jax.tree.map(_storage_target, target)
+        storage_target = jax.tree_util.tree_map_with_path(_storage_target, target)
         try:
             found = self._manager.item_metadata(step)[_STATE]
         except Exception as e:  # orbax raises many types for unreadable metadata

@@ -313,3 +313,10 @@ def test_save_accepts_integer_scalars(tmp_ckpt):
     assert ckpt.save(np.int64(4), {'w': jnp.ones(2)})
     assert ckpt.save(jnp.asarray(5), {'w': jnp.ones(2)})
     assert ckpt.all_steps() == [4, 5]
+
+
+def test_restore_target_must_be_abstract_arrays(tmp_ckpt):
+    ckpt = _checkpointer.Checkpointer(tmp_ckpt)
+    ckpt.save(0, {'w': jnp.ones(2), 'n': jnp.array(3)})
+    with pytest.raises(ValueError, match="target leaf 'n' is int"):
+        ckpt.restore(target={'w': jax.ShapeDtypeStruct((2,), jnp.float32), 'n': 3})
