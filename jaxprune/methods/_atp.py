@@ -16,9 +16,10 @@ has zeroed the pruned LoRA groups, ``(W x) * m + s B A x == ((W + s B A) x) * m`
 channels, so the model can be merged and pruned.
 
 **Final removal (surgery).** ``jaxprune.surgery.prune`` removes whole heads/KV groups
-(``heads``), FFN neurons (``mlp``) and uniform hidden dims (``hidden``). ATP masks map onto it as
-follows: ``mlp`` -> ``keep[('mlp', l)] = masks['mlp'] * OR(mlp_in) * OR(mlp_out)`` directly;
-a GQA group whose ``attn_ctx`` is entirely zero -> ``keep[('heads', l)]`` false. The remaining
+(``heads``), FFN neurons (``mlp``) and uniform hidden dims (``hidden``). ATP masks map onto it
+through :func:`atp_surgery_keep`: ``keep[('mlp', l)] = masks['mlp']`` and a GQA group whose
+``attn_ctx`` is entirely zero -> ``keep[('heads', l)]`` false; the remaining masks are returned
+sliced to the smaller model (tested: pruned + residual masks == masked logits). The remaining
 DISP dimensions need slicing support that surgery does not have yet:
 
 * per-layer *input* index sets for ``q/k/v_proj`` (``attn_in``) and ``gate/up_proj``
@@ -228,6 +229,44 @@ def atp_surgery_plan(
             'mlp': idx(keep['gate_proj'][1]),
         })
     return tuple(plan)
+
+
+def atp_surgery_keep(
+    masks: Any, dims: Sequence[_density.LayerDims]
+) -> tuple[dict[tuple[str, int], np.ndarray], Any]:
+    """The part of hard ATP masks that ``jaxprune.surgery`` can remove today, and the rest.
+
+    Whole GQA groups whose ``attn_ctx`` is entirely zero map to ``('heads', l)`` and pruned FFN
+    neurons to ``('mlp', l)``. The remaining DISP dims stay masks, sliced to the smaller model:
+    ``prune_model(model, keep)`` then ``new_model(x, masks=residual)`` equals
+    ``model(x, masks=masks)``. A layer with no kept group/neuron keeps unit 0 (surgery keeps one
+    zeroed unit), and its residual mask is zero there.
+
+    Args:
+      masks: hard masks ``{'layers': (...)}`` (e.g. :func:`atp_export_masks`); outside jit.
+      dims: per-layer dims of the model the masks belong to.
+
+    Returns:
+      ``(keep, residual)``: ``{('heads', l): bool[KV_l], ('mlp', l): bool[F_l]}`` for
+      ``jaxprune.surgery.prune``/``prune_model`` and residual masks for the pruned model.
+    """
+    keep, residual = {}, []
+    for layer, (m, d) in enumerate(zip(masks['layers'], dims, strict=True)):
+        m = {k: np.asarray(v, np.float32) for k, v in m.items() if k != 'lora'}
+        ctx = m.get('attn_ctx', np.ones(d.heads * d.head_dim, np.float32))
+        ctx = ctx.reshape(d.kv_heads, d.q_per_kv * d.head_dim)
+        heads = ctx.max(axis=1) > 0.5
+        mlp = m.get('mlp', np.ones(d.mlp, np.float32)) > 0.5
+        for name, k in (('heads', heads), ('mlp', mlp)):
+            k = k.copy()
+            if not k.any():
+                k[0] = True
+            keep[(name, layer)] = k
+        out = dict(m)
+        out['attn_ctx'] = ctx[keep[('heads', layer)]].reshape(-1)
+        out['mlp'] = m.get('mlp', np.ones(d.mlp, np.float32))[keep[('mlp', layer)]]
+        residual.append({k: jnp.asarray(v) for k, v in out.items()})
+    return keep, {'layers': tuple(residual)}
 
 
 def causal_lm_loss(graphdef: Any) -> LossFn:

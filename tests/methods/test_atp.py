@@ -1,0 +1,282 @@
+"""Tests for ATP's alternating steps (jaxprune.methods._atp) on a stand-in loss and a tiny Llama."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxprune.masks import _density, _gumbel
+from jaxprune.methods import _atp
+from jaxprune.scores import _atp_generator
+from jaxprune.transforms import _group_lasso
+
+TOY = dict(num_layers=2, hidden_size=8, num_heads=2, num_kv_heads=2, head_dim=4,
+           intermediate_size=12)
+
+
+def _importance(dims, seed=0):
+    rng = np.random.default_rng(seed)
+    return {'layers': tuple(
+        {n: jnp.asarray(rng.exponential(1.0, s), jnp.float32)
+         for n, s in d.group_sizes().items()} for d in dims)}
+
+
+def _toy_loss(trainable, frozen, masks, batch, *, lora_aware):
+    """Task stand-in: importance-weighted share of pruned units (plus a LoRA fit term)."""
+    del batch, lora_aware
+    losses = jax.tree.map(lambda m, w: jnp.sum((1.0 - m) * w) / jnp.sum(w), masks, frozen)
+    fit = jnp.sum((trainable['w'] - 1.0) ** 2)
+    return sum(jax.tree.leaves(losses)) + fit
+
+
+def _gen_setup(cfg, lr=0.1):
+    dims = _density.layer_dims(cfg)
+    gen = _atp_generator.generator_init(jax.random.key(0), _atp_generator.mask_groups(cfg),
+                                        width=16, num_layers=1, num_heads=2)
+    tx = optax.adam(lr)
+    return dims, gen, tx, tx.init(gen)
+
+
+def test_generator_step_moves_density_to_target_and_lowers_loss():
+    """80 generator steps: density ~0.9 (bias 3) -> within 0.05 of 0.5; mean loss of the last
+    10 steps below the first 10 (stochastic, seeded)."""
+    dims, gen, tx, opt = _gen_setup(TOY)
+    frozen = _importance(dims)
+    trainable = {'w': jnp.zeros(3)}
+    step = jax.jit(functools.partial(
+        _atp.generator_step, loss_fn=_toy_loss, tx=tx, dims=dims, target_density=0.5,
+        reg_weight=5.0))
+    logs = []
+    for i in range(80):
+        gen, opt, metrics = step(gen, opt, trainable, frozen, None, jax.random.key(i))
+        logs.append(jax.tree.map(float, metrics))
+    first, last = logs[:10], logs[-10:]
+    assert first[0]['density'] > 0.8
+    assert abs(np.mean([m['density'] for m in last]) - 0.5) < 0.05
+    assert np.mean([m['loss'] for m in last]) < np.mean([m['loss'] for m in first])
+    exported = _atp.atp_export_masks(gen)
+    assert abs(float(_density.density(exported, dims)) - 0.5) < 0.15
+    # the generator learned which units matter: kept units are the more important ones
+    imp = np.concatenate([np.asarray(v) for v in jax.tree.leaves(frozen)])
+    kept = np.concatenate([np.asarray(v) for v in jax.tree.leaves(exported)]) > 0
+    assert imp[kept].mean() > imp[~kept].mean()
+
+
+def test_generator_step_leaves_llm_untouched_and_rejects_bad_target():
+    dims, gen, tx, opt = _gen_setup(TOY)
+    frozen = _importance(dims)
+    trainable = {'w': jnp.zeros(3)}
+    _, _, metrics = _atp.generator_step(gen, opt, trainable, frozen, None, jax.random.key(0),
+                                        loss_fn=_toy_loss, tx=tx, dims=dims, target_density=0.5)
+    assert set(metrics) == {'loss', 'task_loss', 'density', 'reg'}
+    np.testing.assert_allclose(float(metrics['loss']),
+                               float(metrics['task_loss'] + metrics['reg']), rtol=1e-6)
+    with pytest.raises(ValueError, match='target_density'):
+        _atp.generator_step(gen, opt, trainable, frozen, None, jax.random.key(0),
+                            loss_fn=_toy_loss, tx=tx, dims=dims, target_density=1.5)
+
+
+def test_llm_step_passes_masks_to_group_lasso():
+    """A trailing group_lasso sees the step's masks: pruned LoRA rows vanish, kept ones fit."""
+    dims = _density.layer_dims(TOY)
+    f, d = dims[0].mlp, dims[0].hidden
+    trainable = {'layers': {0: {'mlp': {'down_proj': {
+        'lora_a': jax.random.normal(jax.random.key(0), (f, 2)),
+        'lora_b': jax.random.normal(jax.random.key(1), (2, d))}}}}}
+    masks = {'layers': ({'mlp': (jnp.arange(f) % 3 > 0).astype(jnp.float32)}, {})}
+    seen = []
+
+    def loss_fn(t, frozen, m, batch, *, lora_aware):
+        seen.append(lora_aware)
+        p = t['layers'][0]['mlp']['down_proj']
+        return jnp.sum((p['lora_a'] @ p['lora_b'] - frozen) ** 2)
+
+    target = jnp.ones((f, d))
+    tx = optax.chain(optax.adam(1e-2), _group_lasso.group_lasso(
+        _group_lasso.lora_shares_fn(dims), strength=20.0, learning_rate=1e-2))
+    opt = tx.init(trainable)
+    step = jax.jit(functools.partial(_atp.llm_step, loss_fn=loss_fn, tx=tx))
+    losses = []
+    for _ in range(40):
+        trainable, opt, metrics = step(trainable, opt, target, masks, None)
+        losses.append(float(metrics['loss']))
+    assert seen == [True]  # traced once, in LoRA-aware mode
+    a = np.asarray(trainable['layers'][0]['mlp']['down_proj']['lora_a'])
+    pruned = np.asarray(masks['layers'][0]['mlp']) == 0
+    np.testing.assert_array_equal(a[pruned], 0.0)
+    assert np.all(np.linalg.norm(a[~pruned], axis=1) > 0.1)
+    assert losses[-1] < losses[0]
+
+
+def test_atp_surgery_plan_indices():
+    dims = _density.layer_dims(dict(TOY, num_kv_heads=1))
+    ctx = jnp.zeros(8).at[jnp.array([0, 5])].set(1.0)  # head 0 dim 0, head 1 dim 1
+    masks = {'layers': ({'attn_ctx': ctx, 'mlp': jnp.zeros(12).at[3].set(1.0)}, {})}
+    plan = _atp.atp_surgery_plan(masks, dims)
+    np.testing.assert_array_equal(plan[0]['o_rows'], [0, 5])
+    np.testing.assert_array_equal(plan[0]['v_cols'], [0, 1])  # union over the shared KV head
+    np.testing.assert_array_equal(plan[0]['kv_groups'], [0])
+    np.testing.assert_array_equal(plan[0]['mlp'], [3])
+    np.testing.assert_array_equal(plan[1]['attn_in'], np.arange(8))
+
+
+# ---- real tiny Llama (jaxprune.models) ----
+
+
+def _tiny_llama(lora_rank=4, seed=0, **overrides):
+    from flax import nnx
+
+    from jaxprune.lora import _spec
+    from jaxprune.models import _llama
+
+    cfg = _llama.LlamaConfig.tiny(**overrides)
+    model = _llama.Llama(cfg, lora=_spec.LoraSpec(rank=lora_rank, alpha=8.0,
+                                                  targets=r'.*_proj'), rngs=nnx.Rngs(seed))
+    return cfg, model
+
+
+def _randomize_lora(model, seed=1):
+    from flax import nnx
+
+    state = nnx.state(model, nnx.LoRAParam)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    new = [0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    nnx.update(model, jax.tree.unflatten(treedef, new))
+
+
+def _hard_masks(cfg, seed):
+    gen = _atp_generator.generator_init(jax.random.key(seed), _atp_generator.mask_groups(cfg),
+                                        width=16, num_layers=1, num_heads=2, head_scale=30.0)
+    return _gumbel.sample_masks(_atp_generator.generator_apply(gen), jax.random.key(seed + 1),
+                                bias=0.0)
+
+
+def test_lora_aware_linear_matches_formula():
+    """Training: (W x)*m + s B A x; evaluation: ((W + s A B) x)*m (rtol 1e-5)."""
+    from flax import nnx
+
+    from jaxprune.models import _layers
+
+    lin = _layers.Linear(6, 5, use_bias=False, axes=('embed', 'mlp'), lora_rank=2,
+                         lora_alpha=4.0, rngs=nnx.Rngs(0))
+    lin.lora_b[...] = jax.random.normal(jax.random.key(3), (2, 5))
+    x = np.asarray(jax.random.normal(jax.random.key(4), (3, 6)))
+    m = np.array([1, 0, 1, 1, 0], np.float32)
+    w, a, b = (np.asarray(v[...]) for v in (lin.kernel, lin.lora_a, lin.lora_b))
+    s = lin.lora_scale
+    np.testing.assert_allclose(np.asarray(lin(jnp.asarray(x), out_mask=m, lora_aware=True)),
+                               (x @ w) * m + s * (x @ a) @ b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(lin(jnp.asarray(x), out_mask=m)),
+                               (x @ (w + s * a @ b)) * m, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_group_lasso_makes_lora_aware_equal_masked_forward(seed):
+    """Once the prox has zeroed the LoRA groups of pruned channels, the LoRA-aware (training)
+    forward equals the masked evaluation forward (atol 1e-5); before it they differ."""
+    from flax import nnx
+
+    cfg, model = _tiny_llama(seed=seed)
+    _randomize_lora(model, seed)
+    masks = _hard_masks(cfg, seed)
+    ids = jax.random.randint(jax.random.key(9), (2, 6), 0, cfg.vocab_size)
+    before = model(ids, masks=masks, lora_aware=True)
+    assert float(jnp.max(jnp.abs(before - model(ids, masks=masks)))) > 1e-3
+    lora = nnx.state(model, nnx.LoRAParam)
+    tx = _group_lasso.group_lasso(_group_lasso.lora_shares_fn(_density.layer_dims(cfg)),
+                                  strength=1e6, learning_rate=1.0)
+    u, _ = tx.update(jax.tree.map(jnp.zeros_like, lora), tx.init(lora), lora, masks=masks)
+    nnx.update(model, optax.apply_updates(lora, u))
+    np.testing.assert_allclose(np.asarray(model(ids, masks=masks, lora_aware=True)),
+                               np.asarray(model(ids, masks=masks)), atol=1e-5)
+
+
+def test_atp_surgery_keep_pruned_model_equals_masked_model():
+    """surgery.prune_model with atp_surgery_keep + residual masks == masked logits (atol 1e-5);
+    the kept-parameter count is preserved."""
+    from jaxprune import surgery
+
+    cfg, model = _tiny_llama(seed=0)
+    _randomize_lora(model)
+    dims = _density.layer_dims(cfg)
+    masks = jax.tree.map(np.asarray, _hard_masks(cfg, 3))
+    layers = [dict(m) for m in masks['layers']]
+    layers[0]['attn_ctx'] = layers[0]['attn_ctx'].copy()
+    layers[0]['attn_ctx'][16:] = 0.0  # kill KV group 1 of layer 0
+    layers[1]['mlp'] = layers[1]['mlp'].copy()
+    layers[1]['mlp'][::2] = 0.0
+    masks = {'layers': tuple(jax.tree.map(jnp.asarray, m) for m in layers)}
+    ids = jax.random.randint(jax.random.key(9), (2, 6), 0, cfg.vocab_size)
+    want = model(ids, masks=masks)
+    keep, residual = _atp.atp_surgery_keep(masks, dims)
+    assert not keep[('heads', 0)][1]
+    new_model, new_cfg = surgery.prune_model(model, keep)
+    assert new_cfg.heads(0) == 2 and new_cfg.mlp(1) <= 32
+    np.testing.assert_allclose(np.asarray(new_model(ids, masks=residual)), np.asarray(want),
+                               atol=1e-5)
+    np.testing.assert_allclose(
+        float(_density.kept_params(residual, _density.layer_dims(new_cfg))),
+        float(_density.kept_params(masks, dims)), rtol=0)
+
+
+def test_export_masks_drive_the_model():
+    cfg, model = _tiny_llama()
+    gen = _atp_generator.generator_init(jax.random.key(0), _atp_generator.mask_groups(cfg))
+    masks = _atp.atp_export_masks(gen)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    # a fresh generator keeps everything (|logits| < bias): the masked model is the dense one
+    np.testing.assert_allclose(np.asarray(model(ids, masks=masks)), np.asarray(model(ids)),
+                               atol=1e-6)
+
+
+@pytest.mark.slow
+def test_atp_alternating_steps_on_tiny_llama():
+    """Control phase (generator + LoRA steps) then mask freeze on a tiny Llama: density moves to
+    the target, the regularised loss drops, pruned LoRA groups are driven to zero."""
+    from flax import nnx
+
+    cfg, model = _tiny_llama(seed=0)
+    dims = _density.layer_dims(cfg)
+    graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    loss_fn = _atp.causal_lm_loss(graphdef)
+    gen = _atp_generator.generator_init(jax.random.key(0), _atp_generator.mask_groups(cfg),
+                                        width=32, num_heads=4)
+    gen_tx = optax.adamw(5e-2)
+    gen_opt = gen_tx.init(gen)
+    llm_tx = optax.chain(optax.adamw(1e-2), _group_lasso.group_lasso(
+        _group_lasso.lora_shares_fn(dims),
+        strength=optax.exponential_decay(1e-2, 10, 2.0, end_value=10.0), learning_rate=1e-2))
+    llm_opt = llm_tx.init(lora)
+    gen_step = jax.jit(functools.partial(
+        _atp.generator_step, loss_fn=loss_fn, tx=gen_tx, dims=dims, target_density=0.6,
+        reg_weight=4.0))
+    llm_step = jax.jit(functools.partial(_atp.llm_step, loss_fn=loss_fn, tx=llm_tx))
+    sample = jax.jit(_atp.sample_step_masks)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, cfg.vocab_size, (4, 17))
+    logs = []
+    for i in range(60):
+        tokens = jnp.asarray(np.roll(base, i, axis=1))
+        batch = {'input_ids': tokens[:, :-1], 'labels': tokens[:, 1:]}
+        key = jax.random.key(i)
+        gen, gen_opt, m = gen_step(gen, gen_opt, lora, frozen, batch, key)
+        logs.append(jax.tree.map(float, m))
+        masks = sample(gen, jax.random.fold_in(key, 1))
+        lora, llm_opt, _ = llm_step(lora, llm_opt, frozen, masks, batch)
+    first, last = logs[:5], logs[-5:]
+    assert first[0]['density'] > 0.8
+    assert abs(np.mean([m['density'] for m in last]) - 0.6) < 0.1
+    assert np.mean([m['loss'] for m in last]) < np.mean([m['loss'] for m in first])
+    # mask freeze: LoRA-only steps with the exported masks; pruned groups vanish
+    masks = _atp.atp_export_masks(gen)
+    for i in range(40):
+        tokens = jnp.asarray(np.roll(base, i, axis=1))
+        lora, llm_opt, _ = llm_step(lora, llm_opt, frozen, masks,
+                                    {'input_ids': tokens[:, :-1], 'labels': tokens[:, 1:]})
+    a = np.asarray(nnx.to_pure_dict(lora)['layers'][0]['mlp']['gate_proj']['lora_a'])
+    pruned = np.asarray(masks['layers'][0]['mlp_in']) == 0
+    np.testing.assert_array_equal(a[pruned], 0.0)
