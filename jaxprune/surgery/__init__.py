@@ -14,3 +14,4 @@ from jaxprune.surgery._prune import prune_like as prune_like
 from jaxprune.surgery._prune import prune_model as prune_model
 from jaxprune.surgery._prune import prune_units as prune_units
 from jaxprune.surgery._prune import pruned_config as pruned_config
+from jaxprune.surgery._prune import rebuild_model as rebuild_model

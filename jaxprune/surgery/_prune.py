@@ -240,18 +240,32 @@ def prune_model(model: Any, keep: Mapping[Key, Any]) -> tuple[Any, Any]:
     from flax import nnx
 
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    config, new_params = prune(model.config, params, keep)
+    return rebuild_model(model, config, new_params), config
+
+
+def rebuild_model(model: Any, config: Any, params: Any) -> Any:
+    """A fresh model of ``type(model)`` for ``config`` holding the pure-dict ``params``.
+
+    LoRA adapters are placed where ``params`` has them, at their (common) physical rank, and
+    every adapter keeps the ``lora_scale`` it had in ``model`` (so a rank resize or surgery does
+    not change the function). Outside jit.
+
+    Raises:
+      ValueError: if adapters in ``params`` have different physical ranks.
+    """
+    from flax import nnx
+
     spec = _lora_spec_from_params(params)
     scales = _lora_scales(model)
-    config, new_params = prune(model.config, params, keep)
     dtype = jax.tree.leaves(params)[0].dtype
     new_model = type(model)(config, lora=spec, param_dtype=dtype, rngs=nnx.Rngs(0))
-    # Keep each adapter's scale: the rebuilt Linear computes alpha / rank from ``spec``.
     for path, scale in scales.items():
         _get_module(new_model, path).lora_scale = scale
     state = nnx.state(new_model, nnx.Param)
-    nnx.replace_by_pure_dict(state, new_params)
+    nnx.replace_by_pure_dict(state, params)
     nnx.update(new_model, state)
-    return new_model, config
+    return new_model
 
 
 def _lora_scales(model: Any) -> dict[tuple[Any, ...], float]:

@@ -1,0 +1,250 @@
+"""LoRA rank growth for APT: rank masks inside jit, physical rank buckets outside jit.
+
+Adapters live at a bucketed maximum rank ``R`` (``lora_a: (K, R)``, ``lora_b: (R, N)``) and a
+rank mask ``f32[R]`` per adapter switches rank components on (model layout: ``masks['layers'][l]
+['lora'][name]``, see ``jaxprune.masks._structured.to_model_masks``). Rank masks are keyed by the
+adapter's module path, e.g. ``('layers', 0, 'attn', 'q_proj')``, in a plain dict.
+
+Growth never changes the function: newly activated components get a fresh random ``A`` column and
+a zero ``B`` row, so :math:`A\\,\\mathrm{diag}(m)\\,B` is unchanged at the moment of growth.
+Dropping pruned hidden dims / heads from adapters is done by ``jaxprune.surgery`` (adapter
+factors carry the same logical axes as their kernels).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Path = tuple[Any, ...]
+
+
+def _key_name(key: Any) -> Any:
+    for attr in ('key', 'idx', 'name'):
+        if hasattr(key, attr):
+            return getattr(key, attr)
+    return key
+
+
+def adapters(params: Any) -> dict[Path, dict[str, jax.Array]]:
+    """``{module_path: {'lora_a': (K, R), 'lora_b': (R, N)}}`` for every adapter in ``params``."""
+    out: dict[Path, dict[str, jax.Array]] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = tuple(_key_name(k) for k in path)
+        if names and names[-1] in ('lora_a', 'lora_b'):
+            out.setdefault(names[:-1], {})[names[-1]] = leaf
+    return out
+
+
+def _set(tree: Any, path: Path, value: Any) -> Any:
+    """Functional update of a nested dict/list pytree (pure-dict params) at ``path``."""
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(tree, dict):
+        return {**tree, head: _set(tree[head], rest, value)}
+    items = list(tree)
+    items[head] = _set(items[head], rest, value)
+    return type(tree)(items)
+
+
+def init_rank_masks(params: Any, rank: int) -> dict[Path, jax.Array]:
+    """Rank masks with the first ``rank`` components on for every adapter.
+
+    Raises:
+      ValueError: if ``rank`` exceeds an adapter's physical rank.
+    """
+    out = {}
+    for path, ab in adapters(params).items():
+        bucket = ab['lora_a'].shape[-1]
+        if not 0 < rank <= bucket:
+            raise ValueError(f'{rank=} must be in [1, {bucket}] for adapter {path}')
+        out[path] = (jnp.arange(bucket) < rank).astype(jnp.float32)
+    return out
+
+
+def rank_salience(params: Any, grads: Any) -> dict[Path, jax.Array]:
+    r"""Salience of each rank component: :math:`|\sum_k A_{k,j}\, \partial L / \partial A_{k,j}|`.
+
+    Args:
+      params: pure-dict params containing ``lora_a`` leaves.
+      grads: gradients with the same structure (only ``lora_a`` leaves are read).
+
+    Returns:
+      ``{module_path: f32[R]}``.
+
+    References:
+      Zhao et al., ICML 2024, Sec. 4.3 (adapter salience from first-order Taylor terms).
+    """
+    p, g = adapters(params), adapters(grads)
+    return {
+        path: jnp.abs(jnp.sum(ab['lora_a'].astype(jnp.float32) * g[path]['lora_a'], axis=0))
+        for path, ab in p.items()
+    }
+
+
+def ema(
+    old: Mapping[Path, jax.Array] | None, new: Mapping[Path, jax.Array], beta: float = 0.85
+) -> dict[Path, jax.Array]:
+    """Exponential moving average ``beta * old + (1 - beta) * new`` (``new`` when ``old`` is None)."""
+    if old is None:
+        return dict(new)
+    return {k: beta * old[k] + (1 - beta) * new[k] for k in new}
+
+
+def grow_ranks(
+    params: Any,
+    rank_masks: Mapping[Path, jax.Array],
+    salience: Mapping[Path, jax.Array],
+    *,
+    key: jax.Array,
+    factor: float = 2.0,
+    fraction: float = 0.5,
+    max_rank: int = 64,
+) -> tuple[Any, dict[Path, jax.Array]]:
+    r"""Grow the ranks of the most salient adapters by a common ``factor``.
+
+    Adapters are ranked by their total salience over active components; the top ``fraction``
+    (APT: half) grow from rank :math:`r` to :math:`\min(\lceil r \cdot \mathrm{factor} \rceil,
+    \mathrm{max\_rank}, R)`. New components get ``A`` columns drawn like the initializer
+    (normal / :math:`\sqrt{K}`) and zero ``B`` rows, so the adapter output is unchanged.
+
+    Args:
+      params: pure-dict params.
+      rank_masks: ``{module_path: f32[R]}``; active components must be a prefix.
+      salience: ``{module_path: f32[R]}`` (e.g. an EMA of :func:`rank_salience`).
+      key: PRNG key for the new ``A`` columns.
+      factor: rank multiplier for grown adapters (``>= 1``); see :func:`growth_factor`.
+      fraction: share of adapters that grow.
+      max_rank: cap on any adapter's rank (APT default 64).
+
+    Returns:
+      ``(params, rank_masks)`` with the same shapes (jit-compatible).
+
+    Raises:
+      ValueError: for ``factor < 1`` or ``fraction`` outside ``(0, 1]``.
+
+    References:
+      Zhao et al., ICML 2024, Sec. 4.3 "Adaptive and efficient LM tuning".
+    """
+    if factor < 1:
+        raise ValueError(f'{factor=} must be >= 1')
+    if not 0 < fraction <= 1:
+        raise ValueError(f'{fraction=} must be in (0, 1]')
+    paths = sorted(rank_masks, key=str)
+    total = jnp.stack([jnp.sum(salience[p] * rank_masks[p]) for p in paths])
+    n_grow = max(1, int(math.ceil(fraction * len(paths))))
+    chosen = jnp.zeros(len(paths), bool).at[jnp.argsort(-total)[:n_grow]].set(True)
+    ab = adapters(params)
+    new_masks = {}
+    for i, path in enumerate(paths):
+        a, b = ab[path]['lora_a'], ab[path]['lora_b']
+        bucket = a.shape[-1]
+        rank = jnp.sum(rank_masks[path] > 0)
+        grown = jnp.minimum(jnp.ceil(rank * factor).astype(jnp.int32), min(max_rank, bucket))
+        new_rank = jnp.where(chosen[i], jnp.maximum(grown, rank), rank)
+        mask = (jnp.arange(bucket) < new_rank).astype(jnp.float32)
+        fresh = (mask > 0) & (rank_masks[path] <= 0)
+        noise = jax.random.normal(jax.random.fold_in(key, i), a.shape, a.dtype)
+        a = jnp.where(fresh[None, :], noise / math.sqrt(a.shape[0]), a)
+        b = jnp.where(fresh[:, None], 0, b)
+        params = _set(params, path + ('lora_a',), a)
+        params = _set(params, path + ('lora_b',), b)
+        new_masks[path] = mask
+    return params, new_masks
+
+
+def tuning_params(params: Any, rank_masks: Mapping[Path, jax.Array]) -> int:
+    """Number of active LoRA parameters: :math:`\\sum (K + N) \\cdot r` over adapters."""
+    ab = adapters(params)
+    return int(
+        sum(
+            (ab[p]['lora_a'].shape[0] + ab[p]['lora_b'].shape[1]) * int(jnp.sum(m > 0))
+            for p, m in rank_masks.items()
+        )
+    )
+
+
+def growth_factor(
+    params: Any,
+    rank_masks: Mapping[Path, jax.Array],
+    target: float,
+    *,
+    fraction: float = 0.5,
+) -> float:
+    """Common factor for :func:`grow_ranks` so that active LoRA params reach about ``target``.
+
+    Assumes the grown ``fraction`` of adapters holds ``fraction`` of the tuning parameters (the
+    chosen set is not known before the salience ranking). Outside jit.
+    """
+    current = tuning_params(params, rank_masks)
+    if current <= 0:
+        raise ValueError('no active LoRA components; initialise rank masks first')
+    return max(1.0, 1.0 + (target - current) / (fraction * current))
+
+
+def resize_ranks(
+    params: Any,
+    rank_masks: Mapping[Path, jax.Array],
+    bucket: int,
+    *,
+    key: jax.Array,
+    rescale: bool = True,
+) -> tuple[Any, dict[Path, jax.Array]]:
+    """Change every adapter's physical rank to ``bucket`` (outside jit; shapes change).
+
+    Active components move to the front; new slots get random ``A`` columns and zero ``B`` rows.
+    A ``Linear`` rebuilt at rank ``bucket`` computes its scale as ``alpha / bucket``; with
+    ``rescale`` the ``B`` factors are multiplied by ``bucket / old_rank`` (scale = alpha / rank
+    convention) so the function is unchanged. Without it, set ``Linear.lora_scale`` yourself.
+
+    Args:
+      params: pure-dict params.
+      rank_masks: ``{module_path: f32[R]}`` (any active pattern).
+      bucket: new physical rank, at least the largest active rank.
+      key: PRNG key for new ``A`` columns.
+      rescale: compensate the ``alpha / rank`` scale change in ``B``.
+
+    Returns:
+      ``(params, rank_masks)`` at the new rank.
+
+    Raises:
+      ValueError: if an adapter has more active components than ``bucket``.
+    """
+    ab = adapters(params)
+    new_masks = {}
+    for i, (path, mask) in enumerate(sorted(rank_masks.items(), key=lambda kv: str(kv[0]))):
+        a, b = ab[path]['lora_a'], ab[path]['lora_b']
+        active = np.flatnonzero(np.asarray(mask) > 0)
+        if active.size > bucket:
+            raise ValueError(f'adapter {path} has {active.size} active ranks > {bucket=}')
+        ratio = bucket / a.shape[-1] if rescale else 1.0
+        noise = jax.random.normal(jax.random.fold_in(key, i), (a.shape[0], bucket), a.dtype)
+        new_a = (noise / math.sqrt(a.shape[0])).at[:, : active.size].set(a[:, active])
+        new_b = jnp.zeros((bucket, b.shape[1]), b.dtype).at[: active.size].set(b[active] * ratio)
+        params = _set(params, path + ('lora_a',), new_a)
+        params = _set(params, path + ('lora_b',), new_b)
+        new_masks[path] = (jnp.arange(bucket) < active.size).astype(jnp.float32)
+    return params, new_masks
+
+
+def resize_model_ranks(
+    model: Any, rank_masks: Mapping[Path, jax.Array], bucket: int, *, key: jax.Array
+) -> tuple[Any, dict[Path, jax.Array]]:
+    """Rebuild an NNX model with every adapter at physical rank ``bucket`` (outside jit).
+
+    Each adapter keeps its ``lora_scale``, so the function is unchanged. Optimizer state for the
+    adapters must be re-initialised (or resized the same way) by the caller.
+    """
+    from flax import nnx
+
+    from jaxprune.surgery import _prune
+
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params, masks = resize_ranks(params, rank_masks, bucket, key=key, rescale=False)
+    return _prune.rebuild_model(model, model.config, params), masks
