@@ -18,8 +18,7 @@ from jaxtyping import Array, Float, Int
 
 from jaxprune import typing as jpt
 from jaxprune.lora import _spec as lora_spec
-from jaxprune.models import _layers
-from jaxprune.models import _llama
+from jaxprune.models import _layers, _llama
 
 MODEL_TYPES = ('bert', 'roberta')
 
@@ -54,15 +53,23 @@ class BertConfig:
                 object.__setattr__(self, name, tuple(int(x) for x in v))
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f'{self.model_type=} must be one of {MODEL_TYPES}')
-        for name in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
-                     'head_dim', 'num_labels'):
+        for name in (
+            'vocab_size',
+            'hidden_size',
+            'intermediate_size',
+            'num_layers',
+            'num_heads',
+            'head_dim',
+            'num_labels',
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f'{name}={getattr(self, name)} must be >= 1')
         for name in ('layer_heads', 'layer_mlp'):
             v = getattr(self, name)
             if v is not None and (len(v) != self.num_layers or any(x < 1 for x in v)):
-                raise ValueError(f'{name}={v} needs one positive entry per layer '
-                                 f'({self.num_layers})')
+                raise ValueError(
+                    f'{name}={v} needs one positive entry per layer ({self.num_layers})'
+                )
 
     # Shared helpers with LlamaConfig (MHA: one query head per KV group).
     num_kv_heads = property(lambda self: self.num_heads)
@@ -79,22 +86,39 @@ class BertConfig:
 
     @property
     def is_uniform(self) -> bool:
-        return all(self.heads(i) == self.num_heads and self.mlp(i) == self.intermediate_size
-                   for i in range(self.num_layers))
+        return all(
+            self.heads(i) == self.num_heads and self.mlp(i) == self.intermediate_size
+            for i in range(self.num_layers)
+        )
 
     @classmethod
     def tiny(cls, **overrides) -> BertConfig:
         """A 2-layer encoder for tests (vocab 128, hidden 32, 4 heads, FFN 64, 2 labels)."""
-        kw = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
-                  num_heads=4, head_dim=8, max_position_embeddings=64, num_labels=2)
+        kw = {
+            'vocab_size': 128,
+            'hidden_size': 32,
+            'intermediate_size': 64,
+            'num_layers': 2,
+            'num_heads': 4,
+            'head_dim': 8,
+            'max_position_embeddings': 64,
+            'num_labels': 2,
+        }
         kw.update(overrides)
         return cls(**kw)
 
     @classmethod
     def minilm_l6(cls, **overrides) -> BertConfig:
         """all-MiniLM-L6-v2 (6 layers, hidden 384, 12 heads, FFN 1536)."""
-        kw = dict(vocab_size=30522, hidden_size=384, intermediate_size=1536, num_layers=6,
-                  num_heads=12, head_dim=32, max_position_embeddings=512)
+        kw = {
+            'vocab_size': 30522,
+            'hidden_size': 384,
+            'intermediate_size': 1536,
+            'num_layers': 6,
+            'num_heads': 12,
+            'head_dim': 32,
+            'max_position_embeddings': 512,
+        }
         kw.update(overrides)
         return cls(**kw)
 
@@ -111,14 +135,19 @@ class BertConfig:
             num_labels = d.get('num_labels') or len(d.get('id2label') or {}) or 2
         heads = d['num_attention_heads']
         return cls(
-            model_type=mt, vocab_size=d['vocab_size'], hidden_size=d['hidden_size'],
-            intermediate_size=d['intermediate_size'], num_layers=d['num_hidden_layers'],
-            num_heads=heads, head_dim=d.get('head_dim') or d['hidden_size'] // heads,
+            model_type=mt,
+            vocab_size=d['vocab_size'],
+            hidden_size=d['hidden_size'],
+            intermediate_size=d['intermediate_size'],
+            num_layers=d['num_hidden_layers'],
+            num_heads=heads,
+            head_dim=d.get('head_dim') or d['hidden_size'] // heads,
             max_position_embeddings=d.get('max_position_embeddings', 512),
             type_vocab_size=d.get('type_vocab_size', 2),
             layer_norm_eps=d.get('layer_norm_eps', 1e-12),
-            pad_token_id=d.get('pad_token_id') if d.get('pad_token_id') is not None else (
-                1 if mt == 'roberta' else 0),
+            pad_token_id=d.get('pad_token_id')
+            if d.get('pad_token_id') is not None
+            else (1 if mt == 'roberta' else 0),
             num_labels=num_labels,
         )
 
@@ -127,22 +156,33 @@ class BertConfig:
         if not self.is_uniform:
             raise ValueError(
                 f'per-layer sizes ({self.layer_heads=}, {self.layer_mlp=}) cannot be written as a '
-                'Hugging Face config; export a uniform model or keep the jaxprune checkpoint')
+                'Hugging Face config; export a uniform model or keep the jaxprune checkpoint'
+            )
         if self.num_heads * self.head_dim != self.hidden_size:
             raise ValueError(
                 f'{self.num_heads=} * {self.head_dim=} != {self.hidden_size=}: Hugging Face BERT '
                 'derives head_dim from hidden_size; prune heads and hidden uniformly or keep the '
-                'jaxprune checkpoint')
-        arch = 'RobertaForSequenceClassification' if self.model_type == 'roberta' else (
-            'BertForSequenceClassification')
+                'jaxprune checkpoint'
+            )
+        arch = (
+            'RobertaForSequenceClassification'
+            if self.model_type == 'roberta'
+            else ('BertForSequenceClassification')
+        )
         return {
-            'architectures': [arch], 'model_type': self.model_type,
-            'vocab_size': self.vocab_size, 'hidden_size': self.hidden_size,
-            'intermediate_size': self.intermediate_size, 'num_hidden_layers': self.num_layers,
-            'num_attention_heads': self.num_heads, 'hidden_act': 'gelu',
+            'architectures': [arch],
+            'model_type': self.model_type,
+            'vocab_size': self.vocab_size,
+            'hidden_size': self.hidden_size,
+            'intermediate_size': self.intermediate_size,
+            'num_hidden_layers': self.num_layers,
+            'num_attention_heads': self.num_heads,
+            'hidden_act': 'gelu',
             'max_position_embeddings': self.max_position_embeddings,
-            'type_vocab_size': self.type_vocab_size, 'layer_norm_eps': self.layer_norm_eps,
-            'pad_token_id': self.pad_token_id, 'num_labels': self.num_labels,
+            'type_vocab_size': self.type_vocab_size,
+            'layer_norm_eps': self.layer_norm_eps,
+            'pad_token_id': self.pad_token_id,
+            'num_labels': self.num_labels,
             'id2label': {str(i): f'LABEL_{i}' for i in range(self.num_labels)},
             'label2id': {f'LABEL_{i}': i for i in range(self.num_labels)},
         }
@@ -160,8 +200,15 @@ class Attention(nnx.Module):
         base = f'layers.{layer}.attn'
 
         def lin(name, k, n, axes):
-            return _layers.Linear(k, n, use_bias=True, axes=axes, param_dtype=param_dtype,
-                                  rngs=rngs, **lora_spec.lora_kwargs(lora, f'{base}.{name}'))
+            return _layers.Linear(
+                k,
+                n,
+                use_bias=True,
+                axes=axes,
+                param_dtype=param_dtype,
+                rngs=rngs,
+                **lora_spec.lora_kwargs(lora, f'{base}.{name}'),
+            )
 
         hn = self.num_heads * hd
         self.query = lin('query', d, hn, (jpt.EMBED, jpt.HEADS))
@@ -173,7 +220,7 @@ class Attention(nnx.Module):
         bsz, t, _ = x.shape
         h, hd = self.num_heads, self.head_dim
         rm = _get(m, 'lora') or {}
-        kw = dict(in_mask=_get(m, 'attn_in'), lora_aware=lora_aware)
+        kw = {'in_mask': _get(m, 'attn_in'), 'lora_aware': lora_aware}
         q = self.query(x, rank_mask=rm.get('query'), **kw).reshape(bsz, t, h, hd)
         k = self.key(x, rank_mask=rm.get('key'), **kw).reshape(bsz, t, h, hd)
         v = self.value(x, rank_mask=rm.get('value'), **kw).reshape(bsz, t, h, hd)
@@ -188,8 +235,13 @@ class Attention(nnx.Module):
         if _get(m, 'heads') is not None:
             head_mask = jnp.repeat(m['heads'], hd)
             in_mask = head_mask if in_mask is None else in_mask * head_mask
-        out = self.out(ctx, in_mask=in_mask, out_mask=_get(m, 'attn_out'),
-                       rank_mask=rm.get('out'), lora_aware=lora_aware)
+        out = self.out(
+            ctx,
+            in_mask=in_mask,
+            out_mask=_get(m, 'attn_out'),
+            rank_mask=rm.get('out'),
+            lora_aware=lora_aware,
+        )
         return out, acts
 
 
@@ -197,28 +249,37 @@ class MLP(nnx.Module):
     def __init__(self, cfg: BertConfig, layer: int, *, lora, param_dtype, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.mlp(layer)
         base = f'layers.{layer}.mlp'
-        kw = dict(use_bias=True, param_dtype=param_dtype, rngs=rngs)
-        self.up = _layers.Linear(d, f, axes=(jpt.EMBED, jpt.MLP), **kw,
-                                 **lora_spec.lora_kwargs(lora, f'{base}.up'))
-        self.down = _layers.Linear(f, d, axes=(jpt.MLP, jpt.EMBED), **kw,
-                                   **lora_spec.lora_kwargs(lora, f'{base}.down'))
+        kw = {'use_bias': True, 'param_dtype': param_dtype, 'rngs': rngs}
+        self.up = _layers.Linear(
+            d, f, axes=(jpt.EMBED, jpt.MLP), **kw, **lora_spec.lora_kwargs(lora, f'{base}.up')
+        )
+        self.down = _layers.Linear(
+            f, d, axes=(jpt.MLP, jpt.EMBED), **kw, **lora_spec.lora_kwargs(lora, f'{base}.down')
+        )
 
     def __call__(self, x, m, tap, weights, lora_aware):
         rm = _get(m, 'lora') or {}
-        hmid = jax.nn.gelu(self.up(x, in_mask=_get(m, 'mlp_in'), rank_mask=rm.get('up'),
-                                   lora_aware=lora_aware), approximate=False)
+        hmid = jax.nn.gelu(
+            self.up(x, in_mask=_get(m, 'mlp_in'), rank_mask=rm.get('up'), lora_aware=lora_aware),
+            approximate=False,
+        )
         acts = None
         if tap is not None and 'mlp' in tap:
             hmid = hmid + tap['mlp']
             acts = _tap_acts(hmid, weights)
-        out = self.down(hmid, in_mask=_get(m, 'mlp'), out_mask=_get(m, 'mlp_out'),
-                        rank_mask=rm.get('down'), lora_aware=lora_aware)
+        out = self.down(
+            hmid,
+            in_mask=_get(m, 'mlp'),
+            out_mask=_get(m, 'mlp_out'),
+            rank_mask=rm.get('down'),
+            lora_aware=lora_aware,
+        )
         return out, acts
 
 
 class Block(nnx.Module):
     def __init__(self, cfg: BertConfig, layer: int, *, lora, param_dtype, rngs: nnx.Rngs):
-        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        kw = {'param_dtype': param_dtype, 'rngs': rngs}
         self.attn = Attention(cfg, layer, lora=lora, **kw)
         self.attn_norm = _layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
         self.mlp = MLP(cfg, layer, lora=lora, **kw)
@@ -241,8 +302,11 @@ class Block(nnx.Module):
         if hidden is not None:
             f = f * hidden
         x = self.mlp_norm(x + f, hidden)
-        acts = {k: v for k, v in (('attn_ctx', acts_ctx), ('mlp', acts_mlp),
-                                  ('resid', resid_acts)) if v is not None}
+        acts = {
+            k: v
+            for k, v in (('attn_ctx', acts_ctx), ('mlp', acts_mlp), ('resid', resid_acts))
+            if v is not None
+        }
         return x, acts
 
 
@@ -256,24 +320,43 @@ class BertForSequenceClassification(nnx.Module):
       rngs: ``nnx.Rngs``.
     """
 
-    def __init__(self, config: BertConfig, *, lora: lora_spec.LoraSpec | None = None,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: BertConfig,
+        *,
+        lora: lora_spec.LoraSpec | None = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.config = config
         d = config.hidden_size
-        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        kw = {'param_dtype': param_dtype, 'rngs': rngs}
         self.word_embed = _layers.Embed(config.vocab_size, d, **kw)
-        self.pos_embed = _layers.Embed(config.max_position_embeddings, d,
-                                       axes=(jpt.POSITION, jpt.EMBED), **kw)
+        self.pos_embed = _layers.Embed(
+            config.max_position_embeddings, d, axes=(jpt.POSITION, jpt.EMBED), **kw
+        )
         self.type_embed = _layers.Embed(config.type_vocab_size, d, axes=(None, jpt.EMBED), **kw)
         self.embed_norm = _layers.LayerNorm(d, eps=config.layer_norm_eps, **kw)
-        self.layers = nnx.List([Block(config, i, lora=lora, **kw)
-                                for i in range(config.num_layers)])
+        self.layers = nnx.List(
+            [Block(config, i, lora=lora, **kw) for i in range(config.num_layers)]
+        )
         # The pooler's output axis is not the residual stream: hidden pruning slices its input only.
-        self.pooler = _layers.Linear(d, d, use_bias=True, axes=(jpt.EMBED, None),
-                                     **lora_spec.lora_kwargs(lora, 'pooler'), **kw)
-        self.classifier = _layers.Linear(d, config.num_labels, use_bias=True,
-                                         axes=(None, jpt.LABELS),
-                                         **lora_spec.lora_kwargs(lora, 'classifier'), **kw)
+        self.pooler = _layers.Linear(
+            d,
+            d,
+            use_bias=True,
+            axes=(jpt.EMBED, None),
+            **lora_spec.lora_kwargs(lora, 'pooler'),
+            **kw,
+        )
+        self.classifier = _layers.Linear(
+            d,
+            config.num_labels,
+            use_bias=True,
+            axes=(None, jpt.LABELS),
+            **lora_spec.lora_kwargs(lora, 'classifier'),
+            **kw,
+        )
 
     def hidden_states(
         self,
@@ -290,8 +373,10 @@ class BertForSequenceClassification(nnx.Module):
         hidden = _get(masks, 'hidden')
         layer_masks = _get(masks, 'layers')
         if layer_masks is not None and len(layer_masks) != len(self.layers):
-            raise ValueError(f'masks["layers"] has {len(layer_masks)} entries; expected '
-                             f'{len(self.layers)} (one dict per layer)')
+            raise ValueError(
+                f'masks["layers"] has {len(layer_masks)} entries; expected '
+                f'{len(self.layers)} (one dict per layer)'
+            )
         if taps is not None and len(taps) != len(self.layers):
             raise ValueError(f'taps has {len(taps)} entries; expected {len(self.layers)}')
         if cfg.model_type == 'roberta':
@@ -299,8 +384,11 @@ class BertForSequenceClassification(nnx.Module):
             positions = jnp.cumsum(not_pad, axis=-1) * not_pad + cfg.pad_token_id
         else:
             positions = jnp.broadcast_to(jnp.arange(t), (bsz, t))
-        x = (self.word_embed(input_ids) + self.pos_embed(positions)
-             + self.type_embed(jnp.zeros_like(input_ids)))
+        x = (
+            self.word_embed(input_ids)
+            + self.pos_embed(positions)
+            + self.type_embed(jnp.zeros_like(input_ids))
+        )
         x = self.embed_norm(x, hidden)
         if attention_mask is None:
             bias = jnp.zeros((1, 1, t), jnp.float32)
@@ -329,15 +417,19 @@ class BertForSequenceClassification(nnx.Module):
 
         Arguments as in ``Llama.__call__``; token type ids are all zero.
         """
-        x, acts = self.hidden_states(input_ids, attention_mask, masks=masks, taps=taps,
-                                     lora_aware=lora_aware)
+        x, acts = self.hidden_states(
+            input_ids, attention_mask, masks=masks, taps=taps, lora_aware=lora_aware
+        )
         pooled = jnp.tanh(self.pooler(x[:, 0], lora_aware=lora_aware))
         logits = self.classifier(pooled, lora_aware=lora_aware)
         return (logits, acts) if taps is not None else logits
 
     def encode(
-        self, input_ids: Int[Array, 'B T'], attention_mask: Int[Array, 'B T'] | None = None,
-        *, masks: dict | None = None,
+        self,
+        input_ids: Int[Array, 'B T'],
+        attention_mask: Int[Array, 'B T'] | None = None,
+        *,
+        masks: dict | None = None,
     ) -> Float[Array, 'B D']:
         """Sentence embeddings: last hidden states mean-pooled over real tokens."""
         x, _ = self.hidden_states(input_ids, attention_mask, masks=masks)

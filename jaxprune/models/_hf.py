@@ -46,7 +46,7 @@ class Rule:
         groups = dict(self.alts)
         out, pos = '', 0
         for m in re.finditer(r'\{(\w+)\}', template):
-            out += re.escape(template[pos:m.start()])
+            out += re.escape(template[pos : m.start()])
             name = m.group(1)
             out += f'(?P<{name}>' + (r'\d+' if name == 'i' else groups[name]) + ')'
             pos = m.end()
@@ -65,8 +65,10 @@ _W = (('w', 'weight|bias'),)
 
 def _lin(hf: str, nnx_path: str, alts=(), **kw) -> tuple[Rule, Rule]:
     """A linear layer: ``weight`` -> ``kernel`` (transposed), ``bias`` -> ``bias``."""
-    return (Rule(f'{hf}.weight', f'{nnx_path}.kernel', True, alts, **kw),
-            Rule(f'{hf}.bias', f'{nnx_path}.bias', False, alts, **kw))
+    return (
+        Rule(f'{hf}.weight', f'{nnx_path}.kernel', True, alts, **kw),
+        Rule(f'{hf}.bias', f'{nnx_path}.bias', False, alts, **kw),
+    )
 
 
 def _norm(hf: str, nnx_path: str, alts=(), *, bias: bool = True, **kw) -> tuple[Rule, ...]:
@@ -147,7 +149,7 @@ def _find_rule(rules, path: str) -> tuple[Rule, dict[str, str]]:
 
 
 def _is_lora(path: str) -> bool:
-    return path.endswith('.lora_a') or path.endswith('.lora_b')
+    return path.endswith(('.lora_a', '.lora_b'))
 
 
 class _Tensors:
@@ -164,7 +166,8 @@ class _Tensors:
         else:
             raise FileNotFoundError(
                 f'no model.safetensors or model.safetensors.index.json in {folder=}; '
-                'save the Hugging Face model with safe_serialization=True')
+                'save the Hugging Face model with safe_serialization=True'
+            )
         self._cache: dict[pathlib.Path, dict[str, np.ndarray]] = {}
 
     @staticmethod
@@ -177,8 +180,8 @@ class _Tensors:
     def __contains__(self, key: str) -> bool:
         return key in self.files
 
-    def keys(self):
-        return self.files.keys()
+    def __iter__(self):
+        return iter(self.files)
 
     def __getitem__(self, key: str) -> np.ndarray:
         file = self.files[key]
@@ -196,16 +199,23 @@ def _load_file(file: pathlib.Path) -> dict[str, np.ndarray]:
 
         raw = file.read_bytes()
         n = int.from_bytes(raw[:8], 'little')
-        header = json.loads(raw[8:8 + n])
-        dtypes = {'BF16': ml_dtypes.bfloat16, 'F16': np.float16, 'F32': np.float32,
-                  'F64': np.float64, 'I64': np.int64, 'I32': np.int32, 'U8': np.uint8,
-                  'BOOL': np.bool_}
+        header = json.loads(raw[8 : 8 + n])
+        dtypes = {
+            'BF16': ml_dtypes.bfloat16,
+            'F16': np.float16,
+            'F32': np.float32,
+            'F64': np.float64,
+            'I64': np.int64,
+            'I32': np.int32,
+            'U8': np.uint8,
+            'BOOL': np.bool_,
+        }
         out = {}
         for k, info in header.items():
             if k == '__metadata__':
                 continue
             start, end = info['data_offsets']
-            buf = raw[8 + n + start:8 + n + end]
+            buf = raw[8 + n + start : 8 + n + end]
             out[k] = np.frombuffer(buf, dtype=dtypes[info['dtype']]).reshape(info['shape'])
         return out
 
@@ -253,8 +263,9 @@ def load_pretrained(
         assets.gguf_to_hf(path, out_dir)
         path = out_dir
     if not path.is_dir():
-        raise FileNotFoundError(f'{path=} is not a directory; pass a Hugging Face model folder '
-                                'or a .gguf file')
+        raise FileNotFoundError(
+            f'{path=} is not a directory; pass a Hugging Face model folder or a .gguf file'
+        )
     cfg_file = path / 'config.json'
     if not cfg_file.exists():
         raise FileNotFoundError(f'{cfg_file=} not found; the folder must hold config.json')
@@ -282,23 +293,31 @@ def load_pretrained(
             if rule.optional:
                 log.info('%s not in checkpoint; keeping a fresh init for %s', key, name)
                 continue
-            raise ValueError(f'missing tensor {candidates[0]!r} (for {name}) in {path}; the '
-                             'checkpoint does not match config.json')
+            raise ValueError(
+                f'missing tensor {candidates[0]!r} (for {name}) in {path}; the '
+                'checkpoint does not match config.json'
+            )
         value = np.asarray(tensors[found])
         if rule.transpose:
             value = value.T
         if value.shape != tuple(leaf.shape):
             if rule.optional and name.startswith('classifier'):
-                log.info('%s has shape %s, model wants %s; keeping a fresh classifier',
-                         found, value.shape, leaf.shape)
+                log.info(
+                    '%s has shape %s, model wants %s; keeping a fresh classifier',
+                    found,
+                    value.shape,
+                    leaf.shape,
+                )
                 continue
             expected = tuple(leaf.shape[::-1]) if rule.transpose else tuple(leaf.shape)
             found_shape = tuple(tensors[found].shape)
-            raise ValueError(f'tensor {found!r}: {expected=} (HF layout) but found '
-                             f'{found_shape}; the checkpoint does not match config.json')
+            raise ValueError(
+                f'tensor {found!r}: {expected=} (HF layout) but found '
+                f'{found_shape}; the checkpoint does not match config.json'
+            )
         used.add(found)
         _unflat_set(state, name, jnp.asarray(value, dtype=dtype))
-    unused = [k for k in tensors.keys() if k not in used and not _IGNORED.match(k)]
+    unused = [k for k in tensors if k not in used and not _IGNORED.match(k)]
     if config_tied(config) and any(k.endswith('lm_head.weight') for k in unused):
         unused = [k for k in unused if not k.endswith('lm_head.weight')]
     if unused:
@@ -321,8 +340,10 @@ def _merged_params(model: nnx.Module) -> dict[str, np.ndarray]:
             a, b = flat.pop(f'{name}.lora_a'), flat.pop(f'{name}.lora_b')
             k = flat[f'{name}.kernel']
             flat[f'{name}.kernel'] = k + module.lora_scale * (a @ b).astype(k.dtype)
-    return {k: np.asarray(jnp.asarray(v, jnp.float32)) if v.dtype == jnp.bfloat16
-            else np.asarray(v) for k, v in flat.items()}
+    return {
+        k: np.asarray(jnp.asarray(v, jnp.float32)) if v.dtype == jnp.bfloat16 else np.asarray(v)
+        for k, v in flat.items()
+    }
 
 
 def save_pretrained(model: nnx.Module, config: Any, path: str | pathlib.Path) -> pathlib.Path:

@@ -82,12 +82,16 @@ class Linear(nnx.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.kernel = param(
-            nnx.initializers.lecun_normal(), rngs.params(), (in_features, out_features),
-            param_dtype, axes,
+            nnx.initializers.lecun_normal(),
+            rngs.params(),
+            (in_features, out_features),
+            param_dtype,
+            axes,
         )
         self.bias = (
             param(_zeros, rngs.params(), (out_features,), param_dtype, (axes[1],))
-            if use_bias else None
+            if use_bias
+            else None
         )
         self.lora_rank = lora_rank
         self.lora_scale = float(lora_alpha if lora_alpha is not None else lora_rank) / max(
@@ -96,13 +100,20 @@ class Linear(nnx.Module):
         if lora_rank:
             std = 1.0 / math.sqrt(in_features)
             self.lora_a = param(
-                lambda k, s, d: std * jax.random.normal(k, s, d), rngs.params(),
-                (in_features, lora_rank), param_dtype, (axes[0], jpt.LORA_RANK),
+                lambda k, s, d: std * jax.random.normal(k, s, d),
+                rngs.params(),
+                (in_features, lora_rank),
+                param_dtype,
+                (axes[0], jpt.LORA_RANK),
                 kind=nnx.LoRAParam,
             )
             self.lora_b = param(
-                _zeros, rngs.params(), (lora_rank, out_features), param_dtype,
-                (jpt.LORA_RANK, axes[1]), kind=nnx.LoRAParam,
+                _zeros,
+                rngs.params(),
+                (lora_rank, out_features),
+                param_dtype,
+                (jpt.LORA_RANK, axes[1]),
+                kind=nnx.LoRAParam,
             )
         else:
             self.lora_a = None
@@ -200,11 +211,14 @@ class Embed(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.embedding = param(
-            nnx.initializers.normal(0.02), rngs.params(), (num_embeddings, features),
-            param_dtype, axes,
+            nnx.initializers.normal(0.02),
+            rngs.params(),
+            (num_embeddings, features),
+            param_dtype,
+            axes,
         )
 
-    def __call__(self, ids: Int[Array, '...']) -> Float[Array, '... D']:
+    def __call__(self, ids: Int[Array, ...]) -> Float[Array, '... D']:
         return jnp.take(self.embedding[...], ids, axis=0)
 
     def attend(self, x: Float[Array, '... D']) -> Float[Array, '... V']:
@@ -253,9 +267,7 @@ def rope_inv_freq(
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv = np.where(medium, smoothed, out)
     else:
-        raise ValueError(
-            f'rope_scaling {kind=} is not supported; use None, "linear" or "llama3"'
-        )
+        raise ValueError(f'rope_scaling {kind=} is not supported; use None, "linear" or "llama3"')
     return inv.astype(np.float32)
 
 

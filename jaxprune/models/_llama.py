@@ -18,8 +18,13 @@ from jaxprune import typing as jpt
 from jaxprune.lora import _spec as lora_spec
 from jaxprune.models import _layers
 
-_ROPE_KEYS = ('rope_type', 'factor', 'low_freq_factor', 'high_freq_factor',
-              'original_max_position_embeddings')
+_ROPE_KEYS = (
+    'rope_type',
+    'factor',
+    'low_freq_factor',
+    'high_freq_factor',
+    'original_max_position_embeddings',
+)
 
 
 def _freeze(d):
@@ -63,25 +68,38 @@ class LlamaConfig:
             v = getattr(self, name)
             if v is not None:
                 object.__setattr__(self, name, tuple(int(x) for x in v))
-        for name in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
-                     'num_kv_heads', 'head_dim'):
+        for name in (
+            'vocab_size',
+            'hidden_size',
+            'intermediate_size',
+            'num_layers',
+            'num_heads',
+            'num_kv_heads',
+            'head_dim',
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f'{name}={getattr(self, name)} must be >= 1')
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f'{self.num_heads=} must be a multiple of {self.num_kv_heads=} (GQA groups)')
+                f'{self.num_heads=} must be a multiple of {self.num_kv_heads=} (GQA groups)'
+            )
         if self.head_dim % 2:
             raise ValueError(f'{self.head_dim=} must be even (RoPE)')
         if self.layer_heads is not None:
             if len(self.layer_heads) != self.num_layers:
-                raise ValueError(f'{self.layer_heads=} needs one entry per layer ({self.num_layers})')
+                raise ValueError(
+                    f'{self.layer_heads=} needs one entry per layer ({self.num_layers})'
+                )
             if any(h < 1 or h % self.q_per_kv for h in self.layer_heads):
                 raise ValueError(
-                    f'{self.layer_heads=} entries must be positive multiples of {self.q_per_kv=}')
-        if self.layer_mlp is not None:
-            if len(self.layer_mlp) != self.num_layers or any(f < 1 for f in self.layer_mlp):
-                raise ValueError(
-                    f'{self.layer_mlp=} needs one positive entry per layer ({self.num_layers})')
+                    f'{self.layer_heads=} entries must be positive multiples of {self.q_per_kv=}'
+                )
+        if self.layer_mlp is not None and (
+            len(self.layer_mlp) != self.num_layers or any(f < 1 for f in self.layer_mlp)
+        ):
+            raise ValueError(
+                f'{self.layer_mlp=} needs one positive entry per layer ({self.num_layers})'
+            )
         _layers.rope_inv_freq(self.head_dim, theta=self.rope_theta, scaling=self.rope_scaling_dict)
 
     @property
@@ -106,24 +124,46 @@ class LlamaConfig:
 
     @property
     def is_uniform(self) -> bool:
-        return all(self.heads(i) == self.num_heads and self.mlp(i) == self.intermediate_size
-                   for i in range(self.num_layers))
+        return all(
+            self.heads(i) == self.num_heads and self.mlp(i) == self.intermediate_size
+            for i in range(self.num_layers)
+        )
 
     @classmethod
     def tiny(cls, **overrides) -> LlamaConfig:
         """A 2-layer GQA model for tests (vocab 128, hidden 32, 4 heads / 2 KV heads)."""
-        kw = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                  num_kv_heads=2, head_dim=8, rope_theta=10000.0, rms_norm_eps=1e-5,
-                  tie_word_embeddings=False, max_position_embeddings=128)
+        kw = {
+            'vocab_size': 128,
+            'hidden_size': 32,
+            'intermediate_size': 64,
+            'num_layers': 2,
+            'num_heads': 4,
+            'num_kv_heads': 2,
+            'head_dim': 8,
+            'rope_theta': 10000.0,
+            'rms_norm_eps': 1e-5,
+            'tie_word_embeddings': False,
+            'max_position_embeddings': 128,
+        }
         kw.update(overrides)
         return cls(**kw)
 
     @classmethod
     def smollm2_135m(cls) -> LlamaConfig:
         """SmolLM2-135M (30 layers, 9 heads / 3 KV heads, hidden 576, FFN 1536, tied head)."""
-        return cls(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-                   num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
-                   rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=8192)
+        return cls(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_layers=30,
+            num_heads=9,
+            num_kv_heads=3,
+            head_dim=64,
+            rope_theta=100000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            max_position_embeddings=8192,
+        )
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> LlamaConfig:
@@ -138,15 +178,17 @@ class LlamaConfig:
                 scaling.setdefault('rope_type', scaling.pop('type'))
             if scaling.get('rope_type', 'default') == 'default':
                 scaling = None
-        if d.get('sliding_window') and d.get('model_type') == 'mistral':
-            # Equal to full attention for sequences shorter than the window.
-            pass
         return cls(
-            vocab_size=d['vocab_size'], hidden_size=d['hidden_size'],
-            intermediate_size=d['intermediate_size'], num_layers=d['num_hidden_layers'],
-            num_heads=heads, num_kv_heads=d.get('num_key_value_heads') or heads,
-            head_dim=d.get('head_dim') or d['hidden_size'] // heads, rope_theta=float(theta),
-            rope_scaling=scaling, rms_norm_eps=d.get('rms_norm_eps', 1e-6),
+            vocab_size=d['vocab_size'],
+            hidden_size=d['hidden_size'],
+            intermediate_size=d['intermediate_size'],
+            num_layers=d['num_hidden_layers'],
+            num_heads=heads,
+            num_kv_heads=d.get('num_key_value_heads') or heads,
+            head_dim=d.get('head_dim') or d['hidden_size'] // heads,
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            rms_norm_eps=d.get('rms_norm_eps', 1e-6),
             tie_word_embeddings=bool(d.get('tie_word_embeddings', False)),
             max_position_embeddings=d.get('max_position_embeddings', 2048),
             attention_bias=bool(d.get('attention_bias', False)),
@@ -158,19 +200,28 @@ class LlamaConfig:
         if not self.is_uniform:
             raise ValueError(
                 f'per-layer sizes ({self.layer_heads=}, {self.layer_mlp=}) cannot be written as a '
-                'Hugging Face LlamaConfig; export a uniform model or keep the jaxprune checkpoint')
+                'Hugging Face LlamaConfig; export a uniform model or keep the jaxprune checkpoint'
+            )
         rope = {'rope_type': 'default'} if self.rope_scaling is None else self.rope_scaling_dict
         rope = {**rope, 'rope_theta': self.rope_theta}
         return {
-            'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
-            'vocab_size': self.vocab_size, 'hidden_size': self.hidden_size,
-            'intermediate_size': self.intermediate_size, 'num_hidden_layers': self.num_layers,
-            'num_attention_heads': self.num_heads, 'num_key_value_heads': self.num_kv_heads,
-            'head_dim': self.head_dim, 'hidden_act': 'silu', 'rope_theta': self.rope_theta,
-            'rope_parameters': rope, 'rms_norm_eps': self.rms_norm_eps,
+            'architectures': ['LlamaForCausalLM'],
+            'model_type': 'llama',
+            'vocab_size': self.vocab_size,
+            'hidden_size': self.hidden_size,
+            'intermediate_size': self.intermediate_size,
+            'num_hidden_layers': self.num_layers,
+            'num_attention_heads': self.num_heads,
+            'num_key_value_heads': self.num_kv_heads,
+            'head_dim': self.head_dim,
+            'hidden_act': 'silu',
+            'rope_theta': self.rope_theta,
+            'rope_parameters': rope,
+            'rms_norm_eps': self.rms_norm_eps,
             'tie_word_embeddings': self.tie_word_embeddings,
             'max_position_embeddings': self.max_position_embeddings,
-            'attention_bias': self.attention_bias, 'mlp_bias': self.mlp_bias,
+            'attention_bias': self.attention_bias,
+            'mlp_bias': self.mlp_bias,
         }
 
 
@@ -195,8 +246,15 @@ class Attention(nnx.Module):
         base = f'layers.{layer}.attn'
 
         def lin(name, k, n, axes, bias):
-            return _layers.Linear(k, n, use_bias=bias, axes=axes, param_dtype=param_dtype,
-                                  rngs=rngs, **lora_spec.lora_kwargs(lora, f'{base}.{name}'))
+            return _layers.Linear(
+                k,
+                n,
+                use_bias=bias,
+                axes=axes,
+                param_dtype=param_dtype,
+                rngs=rngs,
+                **lora_spec.lora_kwargs(lora, f'{base}.{name}'),
+            )
 
         b = cfg.attention_bias
         self.q_proj = lin('q_proj', d, self.num_heads * hd, (jpt.EMBED, jpt.HEADS), b)
@@ -208,7 +266,7 @@ class Attention(nnx.Module):
         bsz, t, _ = x.shape
         hd, h, kv = self.head_dim, self.num_heads, self.num_kv_heads
         rm = _get(m, 'lora') or {}
-        kw = dict(in_mask=_get(m, 'attn_in'), lora_aware=lora_aware)
+        kw = {'in_mask': _get(m, 'attn_in'), 'lora_aware': lora_aware}
         q = self.q_proj(x, rank_mask=rm.get('q_proj'), **kw).reshape(bsz, t, h, hd)
         k = self.k_proj(x, rank_mask=rm.get('k_proj'), **kw).reshape(bsz, t, kv, hd)
         v = self.v_proj(x, rank_mask=rm.get('v_proj'), **kw).reshape(bsz, t, kv, hd)
@@ -226,8 +284,13 @@ class Attention(nnx.Module):
         if _get(m, 'heads') is not None:
             head_mask = jnp.repeat(m['heads'], hd)
             in_mask = head_mask if in_mask is None else in_mask * head_mask
-        out = self.o_proj(ctx, in_mask=in_mask, out_mask=_get(m, 'attn_out'),
-                          rank_mask=rm.get('o_proj'), lora_aware=lora_aware)
+        out = self.o_proj(
+            ctx,
+            in_mask=in_mask,
+            out_mask=_get(m, 'attn_out'),
+            rank_mask=rm.get('o_proj'),
+            lora_aware=lora_aware,
+        )
         return out, acts
 
 
@@ -237,8 +300,15 @@ class MLP(nnx.Module):
         base = f'layers.{layer}.mlp'
 
         def lin(name, k, n, axes):
-            return _layers.Linear(k, n, use_bias=cfg.mlp_bias, axes=axes, param_dtype=param_dtype,
-                                  rngs=rngs, **lora_spec.lora_kwargs(lora, f'{base}.{name}'))
+            return _layers.Linear(
+                k,
+                n,
+                use_bias=cfg.mlp_bias,
+                axes=axes,
+                param_dtype=param_dtype,
+                rngs=rngs,
+                **lora_spec.lora_kwargs(lora, f'{base}.{name}'),
+            )
 
         self.gate_proj = lin('gate_proj', d, f, (jpt.EMBED, jpt.MLP))
         self.up_proj = lin('up_proj', d, f, (jpt.EMBED, jpt.MLP))
@@ -246,7 +316,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x, m, tap, weights, lora_aware):
         rm = _get(m, 'lora') or {}
-        kw = dict(in_mask=_get(m, 'mlp_in'), lora_aware=lora_aware)
+        kw = {'in_mask': _get(m, 'mlp_in'), 'lora_aware': lora_aware}
         g = self.gate_proj(x, rank_mask=rm.get('gate_proj'), **kw)
         u = self.up_proj(x, rank_mask=rm.get('up_proj'), **kw)
         hmid = jax.nn.silu(g) * u
@@ -254,14 +324,19 @@ class MLP(nnx.Module):
         if tap is not None and 'mlp' in tap:
             hmid = hmid + tap['mlp']
             acts = _tap_acts(hmid, weights)
-        out = self.down_proj(hmid, in_mask=_get(m, 'mlp'), out_mask=_get(m, 'mlp_out'),
-                             rank_mask=rm.get('down_proj'), lora_aware=lora_aware)
+        out = self.down_proj(
+            hmid,
+            in_mask=_get(m, 'mlp'),
+            out_mask=_get(m, 'mlp_out'),
+            rank_mask=rm.get('down_proj'),
+            lora_aware=lora_aware,
+        )
         return out, acts
 
 
 class Block(nnx.Module):
     def __init__(self, cfg: LlamaConfig, layer: int, *, lora, param_dtype, rngs: nnx.Rngs):
-        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        kw = {'param_dtype': param_dtype, 'rngs': rngs}
         self.attn_norm = _layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.attn = Attention(cfg, layer, lora=lora, **kw)
         self.mlp_norm = _layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
@@ -269,8 +344,9 @@ class Block(nnx.Module):
 
     def __call__(self, x, positions, bias, inv_freq, hidden, m, tap, weights, lora_aware):
         acts = {}
-        a, acts_ctx = self.attn(self.attn_norm(x, hidden), positions, bias, inv_freq, m, tap,
-                                weights, lora_aware)
+        a, acts_ctx = self.attn(
+            self.attn_norm(x, hidden), positions, bias, inv_freq, m, tap, weights, lora_aware
+        )
         resid_tap = None if tap is None else tap.get('resid')
         resid_acts = None
         if resid_tap is not None:
@@ -302,20 +378,32 @@ class Llama(nnx.Module):
       rngs: ``nnx.Rngs`` for initialisation.
     """
 
-    def __init__(self, config: LlamaConfig, *, lora: lora_spec.LoraSpec | None = None,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: LlamaConfig,
+        *,
+        lora: lora_spec.LoraSpec | None = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.config = config
-        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        kw = {'param_dtype': param_dtype, 'rngs': rngs}
         self.embed = _layers.Embed(config.vocab_size, config.hidden_size, **kw)
         self.layers = nnx.List(
-            [Block(config, i, lora=lora, **kw) for i in range(config.num_layers)])
+            [Block(config, i, lora=lora, **kw) for i in range(config.num_layers)]
+        )
         self.norm = _layers.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **kw)
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
             self.lm_head = _layers.Linear(
-                config.hidden_size, config.vocab_size, use_bias=False,
-                axes=(jpt.EMBED, jpt.VOCAB), **lora_spec.lora_kwargs(lora, 'lm_head'), **kw)
+                config.hidden_size,
+                config.vocab_size,
+                use_bias=False,
+                axes=(jpt.EMBED, jpt.VOCAB),
+                **lora_spec.lora_kwargs(lora, 'lm_head'),
+                **kw,
+            )
 
     def __call__(
         self,
@@ -342,8 +430,10 @@ class Llama(nnx.Module):
         hidden = _get(masks, 'hidden')
         layer_masks = _get(masks, 'layers')
         if layer_masks is not None and len(layer_masks) != len(self.layers):
-            raise ValueError(f'masks["layers"] has {len(layer_masks)} entries; expected '
-                             f'{len(self.layers)} (one dict per layer)')
+            raise ValueError(
+                f'masks["layers"] has {len(layer_masks)} entries; expected '
+                f'{len(self.layers)} (one dict per layer)'
+            )
         if taps is not None and len(taps) != len(self.layers):
             raise ValueError(f'taps has {len(taps)} entries; expected {len(self.layers)}')
         causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
@@ -355,8 +445,9 @@ class Llama(nnx.Module):
             weights = attention_mask.astype(jnp.int32)
             allowed = causal & (weights[:, None, :] > 0)
         bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
-        inv_freq = _layers.rope_inv_freq(cfg.head_dim, theta=cfg.rope_theta,
-                                         scaling=cfg.rope_scaling_dict)
+        inv_freq = _layers.rope_inv_freq(
+            cfg.head_dim, theta=cfg.rope_theta, scaling=cfg.rope_scaling_dict
+        )
         x = self.embed(input_ids)
         if hidden is not None:
             x = x * hidden.astype(x.dtype)
@@ -367,19 +458,29 @@ class Llama(nnx.Module):
             x, acts = block(x, positions, bias, inv_freq, hidden, m, tap, weights, lora_aware)
             all_acts.append(acts)
         x = self.norm(x, hidden)
-        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(
-            x, lora_aware=lora_aware)
+        logits = (
+            self.embed.attend(x) if self.lm_head is None else self.lm_head(x, lora_aware=lora_aware)
+        )
         if taps is not None:
             return logits, tuple(all_acts)
         return logits
 
 
-def make_taps(config: LlamaConfig, batch: int, seq: int, *, sites=('attn_ctx', 'mlp', 'resid'),
-              dtype=jnp.float32) -> tuple[dict[str, jax.Array], ...]:
+def make_taps(
+    config: LlamaConfig,
+    batch: int,
+    seq: int,
+    *,
+    sites=('attn_ctx', 'mlp', 'resid'),
+    dtype=jnp.float32,
+) -> tuple[dict[str, jax.Array], ...]:
     """Zero taps for every layer of a Llama/BERT-like ``config`` (see ``Llama.__call__``)."""
     out = []
     for i in range(config.num_layers):
-        sizes = {'attn_ctx': config.heads(i) * config.head_dim, 'mlp': config.mlp(i),
-                 'resid': config.hidden_size}
+        sizes = {
+            'attn_ctx': config.heads(i) * config.head_dim,
+            'mlp': config.mlp(i),
+            'resid': config.hidden_size,
+        }
         out.append({s: jnp.zeros((batch, seq, sizes[s]), dtype) for s in sites})
     return tuple(out)

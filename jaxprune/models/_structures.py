@@ -55,17 +55,17 @@ def _resolve_lora(lora_targets, lora_rank, lora):
         return None
     if lora_rank < 1:
         raise ValueError(f'{lora_rank=} must be >= 1 when lora_targets are given')
-    return lora_spec.LoraSpec(rank=lora_rank, alpha=float(lora_rank),
-                              targets='|'.join(re.escape(t) for t in targets))
+    return lora_spec.LoraSpec(
+        rank=lora_rank, alpha=float(lora_rank), targets='|'.join(re.escape(t) for t in targets)
+    )
 
 
 def abstract_params(config: Any, *, lora: lora_spec.LoraSpec | None = None) -> nnx.State:
     """The ``nnx.Param`` state of a model for ``config`` as shape/dtype structs (no compute)."""
     if isinstance(config, _llama.LlamaConfig):
-        build = lambda: _llama.Llama(config, lora=lora, rngs=nnx.Rngs(0))  # noqa: E731
+        build = lambda: _llama.Llama(config, lora=lora, rngs=nnx.Rngs(0))
     elif isinstance(config, _bert.BertConfig):
-        build = lambda: _bert.BertForSequenceClassification(  # noqa: E731
-            config, lora=lora, rngs=nnx.Rngs(0))
+        build = lambda: _bert.BertForSequenceClassification(config, lora=lora, rngs=nnx.Rngs(0))
     else:
         raise TypeError(f'{type(config)=} must be LlamaConfig or BertConfig')
     return nnx.state(nnx.eval_shape(build), nnx.Param)
@@ -119,8 +119,9 @@ def structures(
         for path, shape, axes in leaves:
             if layer is not None and not (path[0] == 'layers' and path[1] == layer):
                 continue
-            hits = [(ax, width_of[kind][name]) for ax, name in enumerate(axes)
-                    if name in width_of[kind]]
+            hits = [
+                (ax, width_of[kind][name]) for ax, name in enumerate(axes) if name in width_of[kind]
+            ]
             if len(hits) > 1:
                 raise ValueError(f'{path=} has two {kind} axes {axes=}; structures assume one')
             for ax, w in hits:
@@ -148,4 +149,3 @@ def prunable_param_count(config: Any) -> int:
     output head and the attention/FFN output biases are not included.
     """
     return sum(s.size * s.params_per_unit for s in structures(config) if s.kind != 'hidden')
-

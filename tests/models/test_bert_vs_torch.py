@@ -14,9 +14,17 @@ TOL = 1e-4  # float32 max abs logit difference
 
 def _hf_model(kind: str):
     torch.manual_seed(0)
-    common = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=40, num_labels=3,
-                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    common = {
+        'vocab_size': 96,
+        'hidden_size': 32,
+        'intermediate_size': 48,
+        'num_hidden_layers': 2,
+        'num_attention_heads': 4,
+        'max_position_embeddings': 40,
+        'num_labels': 3,
+        'hidden_dropout_prob': 0.0,
+        'attention_probs_dropout_prob': 0.0,
+    }
     if kind == 'bert':
         cfg = transformers.BertConfig(**common)
         model = transformers.BertForSequenceClassification(cfg)
@@ -58,8 +66,11 @@ def test_bert_roundtrip_matches_torch(kind, tmp_path):
     np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
 
     _hf.save_pretrained(model, config, tmp_path / 'out')
-    cls = (transformers.BertForSequenceClassification if kind == 'bert'
-           else transformers.RobertaForSequenceClassification)
+    cls = (
+        transformers.BertForSequenceClassification
+        if kind == 'bert'
+        else transformers.RobertaForSequenceClassification
+    )
     back = cls.from_pretrained(tmp_path / 'out').eval()
     np.testing.assert_allclose(_logits(back, ids, mask), ref, atol=TOL, rtol=0)
 
@@ -67,9 +78,14 @@ def test_bert_roundtrip_matches_torch(kind, tmp_path):
 def test_encoder_without_prefix_loads_and_encodes(tmp_path):
     """A sentence-transformers style folder: BertModel keys without 'bert.', no classifier."""
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=96, hidden_size=32, intermediate_size=48,
-                                  num_hidden_layers=2, num_attention_heads=4,
-                                  max_position_embeddings=40)
+    cfg = transformers.BertConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=40,
+    )
     hf = transformers.BertModel(cfg).eval()
     hf.save_pretrained(tmp_path / 'hf')
     ids, mask = _inputs(0)

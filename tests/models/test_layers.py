@@ -12,8 +12,15 @@ TOL = 1e-5  # float32
 
 
 def _linear(rank=3, bias=True, seed=0):
-    lin = _layers.Linear(6, 5, use_bias=bias, axes=('embed', 'mlp'), lora_rank=rank,
-                         lora_alpha=6.0, rngs=nnx.Rngs(seed))
+    lin = _layers.Linear(
+        6,
+        5,
+        use_bias=bias,
+        axes=('embed', 'mlp'),
+        lora_rank=rank,
+        lora_alpha=6.0,
+        rngs=nnx.Rngs(seed),
+    )
     if rank:  # non-zero B so the adapter matters
         lin.lora_b[...] = jax.random.normal(jax.random.key(1), lin.lora_b.shape)
     if bias:
@@ -22,8 +29,7 @@ def _linear(rank=3, bias=True, seed=0):
 
 
 def test_linear_params_and_metadata(graph_mode):
-    lin = _layers.Linear(6, 5, use_bias=True, axes=('embed', 'mlp'), lora_rank=3,
-                         rngs=nnx.Rngs(0))
+    lin = _layers.Linear(6, 5, use_bias=True, axes=('embed', 'mlp'), lora_rank=3, rngs=nnx.Rngs(0))
     assert lin.kernel.shape == (6, 5) and lin.lora_a.shape == (6, 3)
     assert lin.lora_b.shape == (3, 5) and not np.any(np.asarray(lin.lora_b[...]))
     assert isinstance(lin.lora_a, nnx.LoRAParam) and isinstance(lin.kernel, nnx.Param)
@@ -49,14 +55,18 @@ def test_linear_matches_reference(lora_aware, graph_mode):
         ref = ((x * m_in) @ w + b) * m_out + x @ delta
     else:
         ref = ((x * m_in) @ (w + delta) + b) * m_out
-    y = lin(jnp.asarray(x), in_mask=jnp.asarray(m_in), out_mask=jnp.asarray(m_out),
-            rank_mask=jnp.asarray(m_r), lora_aware=lora_aware)
+    y = lin(
+        jnp.asarray(x),
+        in_mask=jnp.asarray(m_in),
+        out_mask=jnp.asarray(m_out),
+        rank_mask=jnp.asarray(m_r),
+        lora_aware=lora_aware,
+    )
     np.testing.assert_allclose(y, ref, atol=TOL, rtol=0)
 
 
 def test_linear_fresh_lora_is_identity(graph_mode):
-    lin = _layers.Linear(6, 5, use_bias=False, axes=('embed', 'mlp'), lora_rank=2,
-                         rngs=nnx.Rngs(0))
+    lin = _layers.Linear(6, 5, use_bias=False, axes=('embed', 'mlp'), lora_rank=2, rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 6)), jnp.float32)
     np.testing.assert_array_equal(lin(x), x @ lin.kernel[...])
     np.testing.assert_array_equal(lin(x, lora_aware=True), x @ lin.kernel[...])
@@ -64,8 +74,7 @@ def test_linear_fresh_lora_is_identity(graph_mode):
 
 def test_linear_rejects_negative_rank():
     with pytest.raises(ValueError, match='lora_rank'):
-        _layers.Linear(2, 2, use_bias=False, axes=('embed', 'mlp'), lora_rank=-1,
-                       rngs=nnx.Rngs(0))
+        _layers.Linear(2, 2, use_bias=False, axes=('embed', 'mlp'), lora_rank=-1, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize('norm', ['rms', 'layer'])
@@ -106,9 +115,17 @@ def test_rope_inv_freq_scalings():
     np.testing.assert_allclose(base, 10000.0 ** (-np.arange(0, 16, 2) / 16), rtol=1e-6)
     lin = _layers.rope_inv_freq(16, theta=10000.0, scaling={'rope_type': 'linear', 'factor': 4})
     np.testing.assert_allclose(lin, base / 4, rtol=1e-6)
-    l3 = _layers.rope_inv_freq(16, theta=10000.0, scaling={
-        'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
-        'original_max_position_embeddings': 64})
+    l3 = _layers.rope_inv_freq(
+        16,
+        theta=10000.0,
+        scaling={
+            'rope_type': 'llama3',
+            'factor': 8.0,
+            'low_freq_factor': 1.0,
+            'high_freq_factor': 4.0,
+            'original_max_position_embeddings': 64,
+        },
+    )
     wavelen = 2 * np.pi / base
     np.testing.assert_allclose(l3[wavelen < 16], base[wavelen < 16], rtol=1e-6)  # high freq kept
     np.testing.assert_allclose(l3[wavelen > 64], base[wavelen > 64] / 8, rtol=1e-6)  # low freq

@@ -15,10 +15,21 @@ TOL = 1e-4  # float32 max abs logit difference
 def _hf_llama(tied: bool, kv_heads: int, rope_scaling=None, bias=False):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=8, rms_norm_eps=1e-5,
-        tie_word_embeddings=tied, max_position_embeddings=64, rope_theta=500.0,
-        rope_scaling=rope_scaling, attention_bias=bias, mlp_bias=bias)
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        head_dim=8,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+        max_position_embeddings=64,
+        rope_theta=500.0,
+        rope_scaling=rope_scaling,
+        attention_bias=bias,
+        mlp_bias=bias,
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # non-trivial norm scales so that a mis-mapped norm fails
         for name, p in model.named_parameters():
@@ -34,15 +45,28 @@ def _torch_logits(model, ids, mask=None):
 
 
 CASES = [
-    pytest.param(dict(tied=False, kv_heads=2), id='gqa-untied'),
-    pytest.param(dict(tied=True, kv_heads=2), id='gqa-tied'),
-    pytest.param(dict(tied=False, kv_heads=4), id='mha'),
-    pytest.param(dict(tied=True, kv_heads=1, bias=True), id='mqa-bias'),
-    pytest.param(dict(tied=False, kv_heads=2, rope_scaling={'rope_type': 'linear', 'factor': 2.0}),
-                 id='rope-linear'),
-    pytest.param(dict(tied=False, kv_heads=2, rope_scaling={
-        'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
-        'original_max_position_embeddings': 8}), id='rope-llama3'),
+    pytest.param({'tied': False, 'kv_heads': 2}, id='gqa-untied'),
+    pytest.param({'tied': True, 'kv_heads': 2}, id='gqa-tied'),
+    pytest.param({'tied': False, 'kv_heads': 4}, id='mha'),
+    pytest.param({'tied': True, 'kv_heads': 1, 'bias': True}, id='mqa-bias'),
+    pytest.param(
+        {'tied': False, 'kv_heads': 2, 'rope_scaling': {'rope_type': 'linear', 'factor': 2.0}},
+        id='rope-linear',
+    ),
+    pytest.param(
+        {
+            'tied': False,
+            'kv_heads': 2,
+            'rope_scaling': {
+                'rope_type': 'llama3',
+                'factor': 8.0,
+                'low_freq_factor': 1.0,
+                'high_freq_factor': 4.0,
+                'original_max_position_embeddings': 8,
+            },
+        },
+        id='rope-llama3',
+    ),
 ]
 
 

@@ -12,14 +12,16 @@ from jaxprune.models import _bert, _llama
 TOL = 1e-5  # float32
 LORA = _spec.LoraSpec(rank=2, alpha=4.0, targets=r'.*\.(q_proj|v_proj|down_proj|query|value|up)')
 IDS = jnp.asarray(np.random.default_rng(0).integers(0, 100, (2, 6)))
+EPS = 1e-2  # finite-difference step
 AMASK = jnp.asarray([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
 
 
 def _model(arch, lora=None, seed=0):
     if arch == 'llama':
         return _llama.Llama(_llama.LlamaConfig.tiny(), lora=lora, rngs=nnx.Rngs(seed))
-    return _bert.BertForSequenceClassification(_bert.BertConfig.tiny(), lora=lora,
-                                               rngs=nnx.Rngs(seed))
+    return _bert.BertForSequenceClassification(
+        _bert.BertConfig.tiny(), lora=lora, rngs=nnx.Rngs(seed)
+    )
 
 
 def _perturb_lora(model):
@@ -33,12 +35,19 @@ def _ones_masks(model):
     names = {'llama': ('q_proj', 'v_proj', 'down_proj'), 'bert': ('query', 'value', 'up')}
     arch = 'llama' if isinstance(cfg, _llama.LlamaConfig) else 'bert'
     d = cfg.hidden_size
-    layers = tuple({'heads': jnp.ones(cfg.heads(i)),
-                    'attn_ctx': jnp.ones(cfg.heads(i) * cfg.head_dim),
-                    'mlp': jnp.ones(cfg.mlp(i)), 'attn_in': jnp.ones(d), 'attn_out': jnp.ones(d),
-                    'mlp_in': jnp.ones(d), 'mlp_out': jnp.ones(d),
-                    'lora': {n: jnp.ones(LORA.rank) for n in names[arch]}}
-                   for i in range(cfg.num_layers))
+    layers = tuple(
+        {
+            'heads': jnp.ones(cfg.heads(i)),
+            'attn_ctx': jnp.ones(cfg.heads(i) * cfg.head_dim),
+            'mlp': jnp.ones(cfg.mlp(i)),
+            'attn_in': jnp.ones(d),
+            'attn_out': jnp.ones(d),
+            'mlp_in': jnp.ones(d),
+            'mlp_out': jnp.ones(d),
+            'lora': {n: jnp.ones(LORA.rank) for n in names[arch]},
+        }
+        for i in range(cfg.num_layers)
+    )
     return {'hidden': jnp.ones(d), 'layers': layers}
 
 
@@ -94,8 +103,9 @@ def test_fresh_lora_equals_base(arch, graph_mode):
     nnx.update(with_lora, params)
     assert jax.tree.leaves(lora_params)  # adapters exist
     np.testing.assert_allclose(with_lora(IDS, AMASK), base(IDS, AMASK), atol=1e-6, rtol=0)
-    np.testing.assert_allclose(with_lora(IDS, AMASK, lora_aware=True), base(IDS, AMASK),
-                               atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        with_lora(IDS, AMASK, lora_aware=True), base(IDS, AMASK), atol=1e-6, rtol=0
+    )
 
 
 def test_rank_mask_zero_equals_no_adapter(graph_mode):
@@ -144,10 +154,9 @@ def test_taps_gradient_matches_finite_difference(arch, graph_mode):
     for site in ('attn_ctx', 'mlp', 'resid'):
         v = jax.tree.map(jnp.zeros_like, taps)
         v[1][site] = jax.random.normal(jax.random.key(4), taps[1][site].shape)
-        eps = 1e-2
-        plus = loss(jax.tree.map(lambda a, b: a + eps * b, taps, v))
-        minus = loss(jax.tree.map(lambda a, b: a - eps * b, taps, v))
-        fd = (plus - minus) / (2 * eps)
+        plus = loss(jax.tree.map(lambda a, b: a + EPS * b, taps, v))
+        minus = loss(jax.tree.map(lambda a, b: a - EPS * b, taps, v))
+        fd = (plus - minus) / (2 * EPS)
         an = jnp.sum(grads[1][site] * v[1][site])
         np.testing.assert_allclose(an, fd, rtol=2e-2, atol=1e-4)
 
@@ -165,6 +174,7 @@ def test_tap_acts_match_explicit_computation(graph_mode):
     allowed = jnp.tril(jnp.ones((t, t), bool))[None] & (AMASK[:, None, :] > 0)
     bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
     from jaxprune.models import _layers
+
     inv = _layers.rope_inv_freq(cfg.head_dim, theta=cfg.rope_theta)
     a, _ = blk.attn(blk.attn_norm(x), positions, bias, inv, None, None, None, False)
     x1 = x + a
@@ -173,8 +183,9 @@ def test_tap_acts_match_explicit_computation(graph_mode):
     f = blk.mlp.down_proj(h)
     wts = np.asarray(AMASK, np.float32)[..., None]
     np.testing.assert_allclose(acts[0]['mlp'], np.sum(np.abs(h) * wts, (0, 1)), rtol=1e-5)
-    np.testing.assert_allclose(acts[0]['resid'],
-                               np.sum((np.abs(a) + np.abs(f)) * wts, (0, 1)), rtol=1e-5)
+    np.testing.assert_allclose(
+        acts[0]['resid'], np.sum((np.abs(a) + np.abs(f)) * wts, (0, 1)), rtol=1e-5
+    )
     assert acts[0]['attn_ctx'].shape == (cfg.num_heads * cfg.head_dim,)
 
 

@@ -12,10 +12,13 @@ from jaxprune.models import _bert, _llama, _structures
 LORA = _spec.LoraSpec(rank=2, targets=r'.*\.(q_proj|o_proj|down_proj|query|out|up)')
 CONFIGS = [
     pytest.param(_llama.LlamaConfig.tiny(), id='llama-gqa'),
-    pytest.param(_llama.LlamaConfig.tiny(num_kv_heads=4, attention_bias=True, mlp_bias=True),
-                 id='llama-mha-bias'),
-    pytest.param(_llama.LlamaConfig.tiny(layer_heads=(4, 2), layer_mlp=(64, 40)),
-                 id='llama-nonuniform'),
+    pytest.param(
+        _llama.LlamaConfig.tiny(num_kv_heads=4, attention_bias=True, mlp_bias=True),
+        id='llama-mha-bias',
+    ),
+    pytest.param(
+        _llama.LlamaConfig.tiny(layer_heads=(4, 2), layer_mlp=(64, 40)), id='llama-nonuniform'
+    ),
     pytest.param(_bert.BertConfig.tiny(), id='bert'),
 ]
 
@@ -27,8 +30,10 @@ def _model(config, lora=None, seed=0):
 
 
 def _flat(params):
-    return {tuple(getattr(k, 'key', k) for k in p): np.asarray(x)
-            for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return {
+        tuple(getattr(k, 'key', k) for k in p): np.asarray(x)
+        for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
 
 
 def _slice(params, struct, keep):
@@ -58,8 +63,10 @@ def test_lora_targets_form_matches_spec():
     config = _llama.LlamaConfig.tiny()
     targets = ('layers.0.attn.q_proj', 'layers.1.mlp.down_proj')
     a = _structures.structures(config, lora_targets=targets, lora_rank=3)
-    b = _structures.structures(config, lora=_spec.LoraSpec(
-        rank=3, targets=r'layers\.0\.attn\.q_proj|layers\.1\.mlp\.down_proj'))
+    b = _structures.structures(
+        config,
+        lora=_spec.LoraSpec(rank=3, targets=r'layers\.0\.attn\.q_proj|layers\.1\.mlp\.down_proj'),
+    )
     assert [s.params_per_unit for s in a] == [s.params_per_unit for s in b]
     assert any('lora_b' in sl.path for sl in a[0].slices)
     with pytest.raises(ValueError, match='lora_rank'):
@@ -76,8 +83,11 @@ def test_prunable_param_count_llama():
 def _pruned_config(config, struct, n_keep):
     if struct.kind == 'hidden':
         return type(config)(**{**config.__dict__, 'hidden_size': n_keep})
-    per = [config.heads(i) for i in range(config.num_layers)] if struct.kind == 'heads' else [
-        config.mlp(i) for i in range(config.num_layers)]
+    per = (
+        [config.heads(i) for i in range(config.num_layers)]
+        if struct.kind == 'heads'
+        else [config.mlp(i) for i in range(config.num_layers)]
+    )
     per[struct.layer] = n_keep * (config.q_per_kv if struct.kind == 'heads' else 1)
     field = 'layer_heads' if struct.kind == 'heads' else 'layer_mlp'
     return type(config)(**{**config.__dict__, field: tuple(per)})
@@ -103,7 +113,8 @@ def test_pruned_logits_equal_masked_logits(config, kind):
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     # Non-zero LoRA B so that adapters matter.
     params = jax.tree_util.tree_map_with_path(
-        lambda p, x: x + 0.1 if getattr(p[-1], 'key', None) == 'lora_b' else x, params)
+        lambda p, x: x + 0.1 if getattr(p[-1], 'key', None) == 'lora_b' else x, params
+    )
     nnx.update(model, params)
     struct = next(s for s in _structures.structures(config, lora=LORA) if s.kind == kind)
     keep = np.arange(struct.size) % 3 != 1
@@ -115,6 +126,7 @@ def test_pruned_logits_equal_masked_logits(config, kind):
     flat = _slice(params, struct, keep)
     state = nnx.to_pure_dict(nnx.state(small, nnx.Param))
     state = jax.tree_util.tree_map_with_path(
-        lambda p, _: jnp.asarray(flat[tuple(getattr(k, 'key', k) for k in p)]), state)
+        lambda p, _: jnp.asarray(flat[tuple(getattr(k, 'key', k) for k in p)]), state
+    )
     nnx.update(small, state)
     np.testing.assert_allclose(small(ids), masked, atol=1e-5, rtol=0)
