@@ -21,8 +21,8 @@ Leaf paths are written as dotted strings, e.g. ``'layers.3.attn.q_proj.kernel'``
 :func:`path_str`); the ``include`` regexes and the Wanda ``act_norms`` keys use that form.
 """
 
-from collections.abc import Callable
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -65,7 +65,7 @@ def path_str(keypath: tuple[Any, ...]) -> str:
 
 def _check_nm(n: int, m: int) -> None:
     if not (isinstance(n, int) and isinstance(m, int)):
-        raise ValueError(f'{n=} and {m=} must be Python ints (static); e.g. n=2, m=4')
+        raise TypeError(f'{n=} and {m=} must be Python ints (static); e.g. n=2, m=4')
     if m < 1 or n < 1 or n > m:
         raise ValueError(f'{n=}, {m=}: need 1 <= n <= m; e.g. 2:4, 4:8 or 1:4')
 

@@ -17,9 +17,9 @@ The recipe is ``sparsify(chain(masked_weight_decay, adamw))``:
 The masks are found with ``optax.tree.get(opt_state, 'masks')``.
 """
 
-from collections.abc import Callable
 import functools
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax

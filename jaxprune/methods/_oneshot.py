@@ -16,9 +16,9 @@ previous layers, as SparseGPT and Wanda do) is the caller's job; these functions
 per-kernel math.
 """
 
-from collections.abc import Mapping
 import functools
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax

@@ -6,8 +6,8 @@ column norms of that linear layer. Collect them with :func:`input_column_norms` 
 accumulate :func:`input_sq_norms` over batches and take the square root.
 """
 
-from collections.abc import Mapping
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax

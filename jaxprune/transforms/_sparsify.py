@@ -14,8 +14,8 @@ Design
   weights it sees.
 """
 
-from collections.abc import Callable
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -24,6 +24,9 @@ import optax
 
 from jaxprune.masks import _nm
 from jaxprune.scores import _magnitude
+
+# 2:4 along K on every kernel under 'layers' (module-level so the default is one object).
+_DEFAULT_MASK_FN = functools.partial(_nm.nm_masks, n=2, m=4)
 
 
 class SparsifyState(NamedTuple):
@@ -57,7 +60,7 @@ def sparsify(
     inner: optax.GradientTransformation,
     *,
     score_fn: Callable[[optax.Params], Any] = _magnitude.magnitude_scores,
-    mask_fn: Callable[[Any], Any] = functools.partial(_nm.nm_masks, n=2, m=4),
+    mask_fn: Callable[[Any], Any] = _DEFAULT_MASK_FN,
     update_every: int = 10,
     init_score_fn: Callable[[optax.Params], Any] | None = None,
     hard: bool = False,

@@ -60,8 +60,8 @@ def test_nm_mask_all_ties_keeps_exactly_n():
 
 
 @pytest.mark.parametrize('kwargs,match', [
-    (dict(n=3, m=2), 'n <= m'),
-    (dict(n=2, m=4), 'pad'),
+    ({'n': 3, 'm': 2}, 'n <= m'),
+    ({'n': 2, 'm': 4}, 'pad'),
 ])
 def test_nm_mask_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

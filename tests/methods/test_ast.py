@@ -63,7 +63,7 @@ def test_ast_training_invariants():
     update_every = 3
     tx = _ast.ast(3e-2, update_every=update_every, decay=1e-2, decay_ramp_steps=4)
     x, y = _data()
-    params, state, hist = _train(tx, _mlp_params(), 9, x, y)
+    _, state, hist = _train(tx, _mlp_params(), 9, x, y)
     assert hist[-1][4] < hist[0][4]  # the sparse model learns
     for t, (p_old, p_new, old_masks, st, _, g) in enumerate(hist, start=1):
         masks = st.masks

@@ -14,7 +14,7 @@ def _np_sparsegpt(w_kn, h, n, m, blocksize, percdamp):
     """Line-by-line numpy port of SparseGPT's `fasterprune` (torch layout W[out, in]), float64."""
     W = np.asarray(w_kn, np.float64).T.copy()
     H = np.asarray(h, np.float64).copy()
-    rows, columns = W.shape
+    columns = W.shape[1]
     dead = np.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0

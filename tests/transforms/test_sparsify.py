@@ -151,3 +151,23 @@ def test_sparsify_inject_hyperparams():
     assert optax.tree.get(state, 'masks') is not None
     state = optax.tree.set(state, learning_rate=0.01)
     assert float(optax.tree.get(state, 'learning_rate')) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize('spec', [('a', 'b'), (None, 'b')])
+def test_sparsify_sharding_stable(spec):
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    mesh = jax.make_mesh((2, 4), ('a', 'b'), axis_types=(AxisType.Explicit,) * 2)
+    with jax.set_mesh(mesh):
+        w = jax.random.normal(jax.random.key(0), (16, 8))
+        params = {'layers': {0: {'kernel': jax.device_put(
+            w, NamedSharding(mesh, PartitionSpec(*spec)))}}}
+        tx = _sparsify.sparsify(optax.adamw(1e-2), update_every=1)
+        state = jax.jit(tx.init)(params)
+        t0 = jax.tree.map(jax.typeof, state)
+        mask_type = jax.typeof(state.masks['layers'][0]['kernel'])
+        assert mask_type.sharding.spec == jax.typeof(params['layers'][0]['kernel']).sharding.spec
+        _, state = jax.jit(tx.update)(params, state, params)
+        assert jax.tree.map(jax.typeof, state) == t0  # masks shard like the kernel, stably
+    np.testing.assert_array_equal(np.asarray(state.masks['layers'][0]['kernel']),
+                                  _np_masks({'layers': {0: {'kernel': w - 1e-2 * jnp.sign(w)}}})[0])
