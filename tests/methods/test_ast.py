@@ -240,3 +240,30 @@ def test_ast_on_tiny_llama_with_distillation():
     sparse = [_nm.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(masks)[0]]
     assert len(sparse) == 14 and all(p.startswith('layers.') for p in sparse)
     assert all(bool(_nm.is_nm(mk)) for mk in jax.tree.leaves(masks))
+
+
+def test_ast_multisteps_and_orbax_roundtrip(tmp_ckpt):
+    import orbax.checkpoint as ocp
+
+    tx = optax.MultiSteps(_ast.ast(1e-2, decay_ramp_steps=2, update_every=1), every_k_schedule=2)
+    params = _mlp_params()
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    grads = jax.tree.map(jnp.ones_like, params)
+    masks0 = optax.tree.get(state, 'masks')
+    _, state = update(grads, state, params)  # accumulation only: inner state untouched
+    assert int(state.inner_opt_state.count) == 0
+    for a, b in zip(jax.tree.leaves(masks0), jax.tree.leaves(optax.tree.get(state, 'masks'))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _, state = update(grads, state, params)
+    assert int(state.inner_opt_state.count) == 1  # one real AST update after 2 micro-steps
+    with ocp.CheckpointManager(tmp_ckpt) as mngr:
+        mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+        mngr.wait_until_finished()
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        restored = mngr.restore(
+            1, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
+    assert jax.tree.structure(restored) == jax.tree.structure(state)  # None masks survive
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
