@@ -1,0 +1,252 @@
+"""APT recipe: adaptive structured pruning + adaptive LoRA tuning + self-distillation.
+
+The recipe is an ``optax.chain`` of public pieces (swap any of them)::
+
+    apt_masks(structures, shapes, density_schedule=stepwise_density(...), pruning_steps=...)
+    optax.adamw(learning_rate)                  # over the trainable (LoRA + projection) params
+
+Training-loop integration (what ``jaxprune.train`` runs; pruning steps are outside jit):
+
+1. Each step (inside one jitted function): zero taps ``make_taps(config, B, T)``; masks for the
+   forward ``to_model_masks(state.masks, ...)`` plus LoRA rank masks; one
+   ``jax.value_and_grad`` over ``(trainable params, taps)`` of
+   ``loss = mu * L_distill + (1 - mu) * L_task`` (:func:`apt_loss`), giving the LoRA gradients
+   and dL/dH at once (:func:`value_grads_and_salience`); then
+   ``tx.update(grads, opt_state, params, salience=salience)``.
+   LoRA rank salience (``lora._grow.rank_salience``) is EMA'd (0.85) from the same gradients.
+2. When ``opt_state``'s count hits a pruning step (``schedules._apt.pruning_steps``; at most 10
+   per run), outside jit: masks are already hard; :func:`after_pruning_step` removes dead units
+   from params, optimizer state and mask state (``jaxprune.surgery``), LoRA ranks grow for the
+   top half of adapters (``lora._grow.grow_ranks`` with ``growth_factor`` towards
+   ``schedules._apt.tuning_growth``), the teacher's LoRA snapshot is refreshed
+   (:func:`teacher_snapshot`), the transform is rebuilt for the new structures and the step
+   function is re-jitted. Shapes change only there, so there are at most ``num_pruning_steps +
+   1`` compilations (a rank-bucket resize adds one more when ranks outgrow the bucket).
+3. After the last pruning step training continues (recovery) with ``mu`` held at its final value.
+
+Self-distillation: the teacher is the *same frozen backbone* (shared, so no copy) with a snapshot
+of the student's LoRA factors taken at the last pruning step, run without masks. It differs
+from the student only in the adapters and in what the student's soft masks are removing. The
+distillation loss is the temperature KL of the logits plus the layer-wise hidden MSE through a
+trainable ``[D, D]`` projection per layer pair (identity init), reusing
+``jaxprune.methods._distill``.
+
+Deliberate deviations from the reference code: masks live in the optimizer state; the teacher
+is refreshed at pruning steps rather than kept from the start (after surgery the student's
+hidden size differs from the original teacher's and the snapshot shares the pruned backbone);
+per-layer hidden states must be provided by the caller (the models do not expose them yet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxprune.methods import _distill
+from jaxprune.schedules import _apt as apt_schedules
+from jaxprune.scores import _apt as apt_scores
+from jaxprune.transforms import _apt_masks
+
+Key = tuple[str, int | None]
+
+
+def apt(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    structures: Sequence[Any],
+    shapes_or_params: Any,
+    target_density: float,
+    total_steps: int,
+    num_pruning_steps: int = 10,
+    end_fraction: float = 0.7,
+    beta: float = 0.85,
+    step_size: float = 0.01,
+    weight_decay: float = 0.0,
+    pruning_steps: Sequence[int] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """The APT optimizer: ``chain(apt_masks, adamw)``.
+
+    Args:
+      learning_rate: AdamW learning rate (schedule allowed).
+      structures: current structures (``jaxprune.models.structures(config, lora=...)``).
+      shapes_or_params: the full params (or their shapes) of the same config.
+      target_density: final fraction of prunable parameters (APT: 0.4 for encoders such as
+        BERT/RoBERTa, 0.7 for decoders such as LLaMA).
+      total_steps: optimizer steps of the run (for the default pruning cadence).
+      num_pruning_steps: pruning steps (APT: 10).
+      end_fraction: fraction of training at which the last pruning step happens.
+      beta: salience EMA decay.
+      step_size: soft-mask step per update.
+      weight_decay: AdamW weight decay.
+      pruning_steps: explicit pruning steps (overrides the cadence arguments). Keep them
+        identical when rebuilding after a pruning step.
+
+    Returns:
+      ``optax.GradientTransformationExtraArgs``; ``update(..., salience=...)``.
+
+    References:
+      Zhao, Hajishirzi, Cao, *APT: Adaptive Pruning and Tuning Pretrained Language Models for
+      Efficient Training and Inference*, ICML 2024, Sec. 4 and Alg. 1.
+    """
+    if not 0.0 < target_density <= 1.0:
+        raise ValueError(f'{target_density=} must be in (0, 1]; APT uses 0.4 (BERT) or 0.7 (LLaMA)')
+    if pruning_steps is None:
+        pruning_steps = apt_schedules.pruning_steps(
+            total_steps, num_pruning_steps=num_pruning_steps, end_fraction=end_fraction
+        )
+    density = apt_schedules.stepwise_density(target_density, tuple(pruning_steps))
+    return optax.chain(
+        _apt_masks.apt_masks(
+            structures,
+            shapes_or_params,
+            density_schedule=density,
+            pruning_steps=pruning_steps,
+            beta=beta,
+            step_size=step_size,
+        ),
+        optax.adamw(learning_rate, weight_decay=weight_decay),
+    )
+
+
+def value_grads_and_salience(
+    loss_fn: Callable[[Any, Any], tuple[jax.Array, tuple[Any, Any]]],
+    params: Any,
+    taps: Any,
+    structures: Sequence[Any],
+    *,
+    outlier_params: Any = None,
+) -> tuple[jax.Array, Any, dict[Key, jax.Array], Any]:
+    """Loss, parameter gradients and APT salience from one forward/backward pass.
+
+    Args:
+      loss_fn: ``(params, taps) -> (loss, (acts, aux))`` where ``acts`` is what the model returns
+        alongside its output when given ``taps``.
+      params: the differentiated (trainable) params.
+      taps: zero taps (``jaxprune.models._llama.make_taps``).
+      structures: the model's structures.
+      outlier_params: full params for the decoder outlier term (``None`` = no outlier term).
+
+    Returns:
+      ``(loss, grads, salience, aux)``.
+    """
+    (loss, (acts, aux)), (grads, tap_grads) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True
+    )(params, taps)
+    salience = apt_scores.apt_salience(
+        acts,
+        tap_grads,
+        structures,
+        params=outlier_params,
+        outlier=outlier_params is not None,
+    )
+    return loss, grads, salience, aux
+
+
+def apt_loss(
+    task_loss: jax.Array,
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    *,
+    mu: jax.typing.ArrayLike,
+    temperature: float = 2.0,
+    student_hiddens: Sequence[jax.Array] | None = None,
+    teacher_hiddens: Sequence[jax.Array] | None = None,
+    projections: Sequence[Any] | None = None,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    r"""APT's self-distillation objective :math:`\mu L_\mathrm{distill} + (1 - \mu) L_\mathrm{task}`.
+
+    :math:`L_\mathrm{distill} = \mathrm{KL}_T(\text{teacher} \| \text{student})` plus, when hidden
+    states are given, the layer-wise MSE through the trainable ``projections``
+    (``_distill.hidden_mse``). ``mu`` follows ``schedules._apt.distill_weight``.
+
+    Returns:
+      ``(loss, {'task', 'kl', 'hidden', 'distill'})``.
+
+    References:
+      Zhao et al., ICML 2024, Sec. 4.4 (Eq. 7, self-knowledge distillation).
+    """
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    kl = _distill.kl_distill(student_logits, teacher_logits, temperature=temperature, mask=mask)
+    hidden = jnp.zeros((), jnp.float32)
+    if student_hiddens is not None:
+        if teacher_hiddens is None:
+            raise ValueError('student_hiddens needs teacher_hiddens=...; pass both or neither')
+        teacher_hiddens = [jax.lax.stop_gradient(h) for h in teacher_hiddens]
+        hidden = _distill.hidden_mse(student_hiddens, teacher_hiddens, projections, mask=mask)
+    distill = kl + hidden
+    loss = mu * distill + (1.0 - mu) * task_loss
+    return loss, {'task': task_loss, 'kl': kl, 'hidden': hidden, 'distill': distill}
+
+
+def init_projections(num_pairs: int, hidden_size: int, dtype: Any = jnp.float32) -> list[dict]:
+    """Identity-initialised ``[D, D]`` projections for the layer-wise distillation MSE."""
+    return [{'kernel': jnp.eye(hidden_size, dtype=dtype)} for _ in range(num_pairs)]
+
+
+def prune_projections(projections: Sequence[dict], hidden_keep: Any) -> list[dict]:
+    """Drop pruned hidden dims from both sides of every projection (after surgery)."""
+    idx = jnp.asarray(np.flatnonzero(np.asarray(hidden_keep)))
+    return [{**p, 'kernel': p['kernel'][idx][:, idx]} for p in projections]
+
+
+def teacher_snapshot(params: Any) -> Any:
+    """A frozen copy of the LoRA factors in ``params`` (other leaves are dropped to ``None``).
+
+    Combine with the (shared, frozen) backbone for the teacher forward:
+    ``jax.tree.map(lambda s, b: b if s is None else s, snapshot, params, is_leaf=...)``; see
+    :func:`teacher_params`.
+    """
+
+    def fn(path, x):
+        name = getattr(path[-1], 'key', getattr(path[-1], 'name', None))
+        return jnp.array(x, copy=True) if name in ('lora_a', 'lora_b') else None
+
+    return jax.tree_util.tree_map_with_path(fn, params)
+
+
+def teacher_params(params: Any, snapshot: Any) -> Any:
+    """Student params with the LoRA factors replaced by ``snapshot`` (backbone shared)."""
+    return jax.tree.map(
+        lambda s, p: p if s is None else s, snapshot, params, is_leaf=lambda x: x is None
+    )
+
+
+def after_pruning_step(
+    config: Any,
+    params: Any,
+    opt_state: Any,
+    structures: Sequence[Any],
+) -> tuple[Any, Any, Any, dict[Key, np.ndarray]]:
+    """Outside jit: physically remove the units dropped at the pruning step just taken.
+
+    Reads the hard masks from ``opt_state`` (``optax.tree.get(opt_state, 'masks')``), prunes
+    ``params`` and every params-shaped subtree of ``opt_state`` (Adam moments), and the
+    unit-layout mask state. Rebuild the transform (:func:`apt`) with
+    ``jaxprune.models.structures(new_config, lora=...)`` afterwards and re-jit the step.
+
+    Args:
+      config: current model config.
+      params: full pure-dict params.
+      opt_state: state of :func:`apt` (or any chain containing ``apt_masks``).
+      structures: structures of the current (unpruned) config.
+
+    Returns:
+      ``(new_config, new_params, new_opt_state, keep)``; prune further params-shaped pytrees
+      (EMAs, a teacher snapshot) with ``surgery.prune_like(tree, keep, structures)``.
+    """
+    from jaxprune import surgery
+    from jaxprune.masks import _budget
+
+    masks = optax.tree.get(opt_state, 'masks')
+    keep = {k: np.asarray(v) > 0 for k, v in masks.items()}
+    shapes = _budget.param_shapes(params)
+    new_config, new_params = surgery.prune(config, params, keep, structures=structures)
+    new_state = surgery.prune_like(opt_state, keep, structures, shapes)
+    new_state = surgery.prune_units(new_state, keep, structures)
+    return new_config, new_params, new_state, keep
