@@ -93,7 +93,8 @@ def sparsify(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`SparsifyState`. ``update``
-      requires ``params``.
+      requires ``params``; other extra arguments are forwarded to ``inner``, except a caller's
+      ``masks=``, which is replaced by the state's masks (this wrapper is the only mask owner).
 
     Raises:
       ValueError: if ``update_every < 1``, or ``update`` is called without ``params``.
