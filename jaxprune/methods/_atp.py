@@ -47,6 +47,7 @@ import optax
 
 from jaxprune.masks import _density, _gumbel
 from jaxprune.scores import _atp_generator
+from jaxprune.transforms import _group_lasso
 
 # loss_fn(trainable, frozen, masks, batch, *, lora_aware) -> (scalar loss)
 LossFn = Callable[..., jax.Array]
@@ -175,8 +176,36 @@ def llm_step(
         return loss_fn(t, frozen, masks, batch, lora_aware=True)
 
     value, grads = jax.value_and_grad(loss)(trainable)
+    tx = optax.with_extra_args_support(tx)
     updates, opt_state = tx.update(grads, opt_state, trainable, masks=masks)
     return optax.apply_updates(trainable, updates), opt_state, {'loss': value}
+
+
+def atp_lora_tx(
+    dims: Sequence[_density.LayerDims],
+    *,
+    learning_rate: optax.ScalarOrSchedule,
+    strength: optax.ScalarOrSchedule,
+    weight_decay: float = 0.0,
+) -> optax.GradientTransformationExtraArgs:
+    """The ATP LoRA optimizer recipe: ``chain(adamw, group_lasso)`` on a Llama LoRA params tree.
+
+    Args:
+      dims: per-layer dims of the model (``jaxprune.masks._density.layer_dims(config)``).
+      learning_rate: AdamW learning rate; also the prox step size.
+      strength: group-lasso ``eta(t)``; ATP ramps it up exponentially, e.g.
+        ``optax.exponential_decay(1e-3, 100, 2.0, end_value=1.0)``.
+      weight_decay: AdamW decoupled weight decay.
+
+    Returns:
+      a transformation whose ``update`` takes ``masks=`` (see :func:`llm_step`).
+    """
+    return optax.chain(
+        optax.adamw(learning_rate, weight_decay=weight_decay),
+        _group_lasso.group_lasso(
+            _group_lasso.lora_shares_fn(dims), strength=strength, learning_rate=learning_rate
+        ),
+    )
 
 
 def sample_step_masks(

@@ -92,8 +92,7 @@ def test_llm_step_passes_masks_to_group_lasso():
         return jnp.sum((p['lora_a'] @ p['lora_b'] - frozen) ** 2)
 
     target = jnp.ones((f, d))
-    tx = optax.chain(optax.adam(1e-2), _group_lasso.group_lasso(
-        _group_lasso.lora_shares_fn(dims), strength=20.0, learning_rate=1e-2))
+    tx = _atp.atp_lora_tx(dims, learning_rate=1e-2, strength=20.0)
     opt = tx.init(trainable)
     step = jax.jit(functools.partial(_atp.llm_step, loss_fn=loss_fn, tx=tx))
     losses = []
@@ -106,6 +105,18 @@ def test_llm_step_passes_masks_to_group_lasso():
     np.testing.assert_array_equal(a[pruned], 0.0)
     assert np.all(np.linalg.norm(a[~pruned], axis=1) > 0.1)
     assert losses[-1] < losses[0]
+
+
+def test_llm_step_accepts_plain_optax_transform():
+    def loss_fn(t, frozen, m, batch, *, lora_aware):
+        return jnp.sum((t - frozen) ** 2) * jnp.sum(m['layers'][0]['mlp'])
+
+    masks = {'layers': ({'mlp': jnp.ones(2)},)}
+    tx = optax.sgd(0.1)
+    t, _, metrics = _atp.llm_step(jnp.zeros(3), tx.init(jnp.zeros(3)), jnp.ones(3), masks, None,
+                                  loss_fn=loss_fn, tx=tx)
+    np.testing.assert_allclose(np.asarray(t), 0.4, rtol=1e-6)  # 0 - 0.1 * (2 * -1 * 2)
+    np.testing.assert_allclose(float(metrics['loss']), 6.0, rtol=1e-6)
 
 
 def test_atp_surgery_plan_indices():
@@ -260,9 +271,8 @@ def test_atp_alternating_steps_on_tiny_llama():
                                         width=32, num_heads=4)
     gen_tx = optax.adamw(5e-2)
     gen_opt = gen_tx.init(gen)
-    llm_tx = optax.chain(optax.adamw(1e-2), _group_lasso.group_lasso(
-        _group_lasso.lora_shares_fn(dims),
-        strength=optax.exponential_decay(1e-2, 10, 2.0, end_value=10.0), learning_rate=1e-2))
+    llm_tx = _atp.atp_lora_tx(
+        dims, learning_rate=1e-2, strength=optax.exponential_decay(1e-2, 10, 2.0, end_value=10.0))
     llm_opt = llm_tx.init(lora)
     gen_step = jax.jit(functools.partial(
         _atp.generator_step, loss_fn=loss_fn, tx=gen_tx, dims=dims, target_density=0.6,
@@ -290,6 +300,10 @@ def test_atp_alternating_steps_on_tiny_llama():
         tokens = jnp.asarray(np.roll(base, i, axis=1))
         lora, llm_opt, _ = llm_step(lora, llm_opt, frozen, masks,
                                     {'input_ids': tokens[:, :-1], 'labels': tokens[:, 1:]})
-    a = np.asarray(nnx.to_pure_dict(lora)['layers'][0]['mlp']['gate_proj']['lora_a'])
-    pruned = np.asarray(masks['layers'][0]['mlp_in']) == 0
-    np.testing.assert_array_equal(a[pruned], 0.0)
+    shares = _group_lasso.lora_shares_fn(dims)(masks, nnx.to_pure_dict(lora))
+    pairs = [(np.broadcast_to(np.asarray(r), p.shape) > 0, np.asarray(p)) for r, p in zip(
+        jax.tree.leaves(shares), jax.tree.leaves(nnx.to_pure_dict(lora)), strict=True)]
+    assert sum(int(pruned.sum()) for pruned, _ in pairs) > 0
+    for pruned, p in pairs:
+        np.testing.assert_array_equal(p[pruned], 0.0)
+        assert np.all(p[~pruned] != 0.0)
