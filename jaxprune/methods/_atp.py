@@ -281,6 +281,7 @@ def atp_surgery_keep(
     """
     keep, residual = {}, []
     for layer, (m, d) in enumerate(zip(masks['layers'], dims, strict=True)):
+        lora = m.get('lora')
         m = {k: np.asarray(v, np.float32) for k, v in m.items() if k != 'lora'}
         ctx = m.get('attn_ctx', np.ones(d.heads * d.head_dim, np.float32))
         ctx = ctx.reshape(d.kv_heads, d.q_per_kv * d.head_dim)
@@ -294,7 +295,10 @@ def atp_surgery_keep(
         out = dict(m)
         out['attn_ctx'] = ctx[keep[('heads', layer)]].reshape(-1)
         out['mlp'] = m.get('mlp', np.ones(d.mlp, np.float32))[keep[('mlp', layer)]]
-        residual.append({k: jnp.asarray(v) for k, v in out.items()})
+        out = {k: jnp.asarray(v) for k, v in out.items()}
+        if lora is not None:  # rank masks are unaffected by head/neuron removal
+            out['lora'] = lora
+        residual.append(out)
     return keep, {'layers': tuple(residual)}
 
 

@@ -162,3 +162,24 @@ def test_lora_shares_fn_on_llama_paths():
     down = shares['layers'][0]['mlp']['down_proj']
     np.testing.assert_array_equal(np.asarray(down['lora_a'][:, 0]), [0, 1, 0, 0, 0, 0])
     assert attn['o_proj']['lora_b'].shape == (1, 8)
+
+
+def test_group_lasso_bf16_and_multisteps():
+    """bf16 params keep their dtype; MultiSteps forwards masks= and applies the prox every k."""
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _params(jax.random.key(0)))
+    masks = {'in': jnp.zeros(8), 'out': jnp.ones(6)}
+    tx = _group_lasso.group_lasso(_shares_fn, strength=1e3, learning_rate=1.0)
+    u, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), tx.init(params), params,
+                              masks=masks)
+    assert jax.tree.map(lambda x: x.dtype, u) == jax.tree.map(lambda x: x.dtype, params)
+    new = optax.apply_updates(params, u)
+    np.testing.assert_array_equal(np.asarray(new['a'], np.float32), 0.0)
+    np.testing.assert_array_equal(np.asarray(new['b']), np.asarray(params['b']))
+    multi = optax.MultiSteps(optax.chain(optax.sgd(0.0), tx), every_k_schedule=2)
+    params = _params(jax.random.key(0))
+    state = multi.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    u1, state = multi.update(zeros, state, params, masks=masks)
+    np.testing.assert_array_equal(np.asarray(u1['a']), 0.0)  # accumulating: no step yet
+    u2, state = multi.update(zeros, state, params, masks=masks)
+    np.testing.assert_array_equal(np.asarray(optax.apply_updates(params, u2)['a']), 0.0)
