@@ -135,6 +135,7 @@ def budget_keep(
     density: jax.typing.ArrayLike,
     *,
     eligible: Mapping[Key, jax.Array] | None = None,
+    budget_base: int | None = None,
 ) -> dict[Key, jax.Array]:
     r"""Keep the largest prefix of the global density ranking that fits the parameter budget.
 
@@ -154,6 +155,9 @@ def budget_keep(
       density: target fraction :math:`\rho` of prunable parameters to keep, may be traced.
       eligible: optional ``{(kind, layer): bool[size]}``; ineligible units (already removed) are
         never kept, ranked last and not counted.
+      budget_base: parameter count that ``density`` refers to; default the prunable count of
+        these structures. After surgery pass the *original* model's count so that the schedule
+        keeps meaning "fraction of the original model".
 
     Returns:
       ``{(kind, layer): bool[size]}`` keep vectors.
@@ -178,7 +182,8 @@ def budget_keep(
     order = jnp.lexsort((-flat, ~ok))
     rank = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
     segment = np.repeat(np.arange(len(plan.sizes)), plan.sizes)
-    budget = jnp.asarray(density, jnp.float32) * float(plan.total)
+    base = plan.total if budget_base is None else int(budget_base)
+    budget = jnp.asarray(density, jnp.float32) * float(base)
 
     def keep_of(k):
         return (rank < k) & ok

@@ -64,7 +64,7 @@ def gumbel_sigmoid(
 
     References:
       Jang et al., 2017 and Maddison et al., 2017 (Gumbel-softmax/concrete); Lu et al., 2024
-      (ATP), Sec. 3 (pruning decisions via Gumbel-Sigmoid with STE).
+      (ATP), method section (pruning decisions via Gumbel-Sigmoid with STE).
     """
     if isinstance(temperature, (int, float)) and temperature <= 0:
         raise ValueError(f'{temperature=} must be > 0; ATP uses 0.4')

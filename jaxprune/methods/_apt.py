@@ -68,6 +68,7 @@ def apt(
     step_size: float = 0.01,
     weight_decay: float = 0.0,
     pruning_steps: Sequence[int] | None = None,
+    budget_base: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The APT optimizer: ``chain(apt_masks, adamw)``.
 
@@ -85,6 +86,9 @@ def apt(
       weight_decay: AdamW weight decay.
       pruning_steps: explicit pruning steps (overrides the cadence arguments). Keep them
         identical when rebuilding after a pruning step.
+      budget_base: prunable parameter count of the *original* model
+        (``jaxprune.masks._budget.total_prunable_params``); required when rebuilding after
+        surgery so that ``target_density`` stays relative to the original model.
 
     Returns:
       ``optax.GradientTransformationExtraArgs``; ``update(..., salience=...)``.
@@ -108,6 +112,7 @@ def apt(
             pruning_steps=pruning_steps,
             beta=beta,
             step_size=step_size,
+            budget_base=budget_base,
         ),
         optax.adamw(learning_rate, weight_decay=weight_decay),
     )

@@ -125,7 +125,7 @@ def generator_step(
       ValueError: ``target_density`` outside ``(0, 1]``.
 
     References:
-      Lu et al., 2024 (ATP), Sec. 3.2, Eq. for the generator objective.
+      Lu et al., 2024 (ATP), arXiv:2412.14426, generator objective L + lambda R(P(d), p).
     """
     if not 0.0 < target_density <= 1.0:
         raise ValueError(f'{target_density=} must be in (0, 1] (fraction of params kept)')
@@ -168,7 +168,7 @@ def llm_step(
       ``(trainable, opt_state, {'loss': scalar})``.
 
     References:
-      Lu et al., 2024 (ATP), Sec. 3.3 (LoRA-aware forward, group-lasso proximal update).
+      Lu et al., 2024 (ATP), arXiv:2412.14426 (LoRA-aware forward, group-lasso proximal update).
     """
     masks = jax.lax.stop_gradient(masks)
 

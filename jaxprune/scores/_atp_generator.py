@@ -185,7 +185,7 @@ def generator_apply(params: dict[str, Any]) -> dict[str, Any]:
       masks with ``jaxprune.masks._gumbel.sample_masks`` (training) or ``deterministic_masks``.
 
     References:
-      Lu et al., 2024 (ATP), Sec. 3.2, pruning-decision generator. Deviation: per-layer
+      Lu et al., 2024 (ATP), arXiv:2412.14426, pruning-decision generator. Deviation: per-layer
       learnable embeddings replace DISP-LLM's fixed random inputs + GRU.
     """
     x = params['embed']

@@ -197,18 +197,19 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
             if done == start + 1:  # the first step includes compilation; keep it out of rates
                 jax.block_until_ready(m['loss'])
                 log.log('compile', done, seconds=time.perf_counter() - w_start)
-                window, w_tokens, w_examples = window[1:], 0, 0
+                w_tokens = w_examples = 0
                 w_start = time.perf_counter()
             if window and (done % tcfg.log_every == 0 or done == tcfg.steps):
                 host = jax.device_get(window)
                 dt = max(time.perf_counter() - w_start, 1e-9)
                 loss = float(np.mean([h['loss'] for h in host]))
+                rate = (lambda n: n / dt if n else None)  # None: only the compile step ran
                 rec = log.log(
                     'train', done, loss=loss,
                     accuracy=float(np.mean([h['accuracy'] for h in host])),
                     grad_norm=float(np.mean([h['grad_norm'] for h in host])),
                     lr=float(schedule(done - 1)),
-                    tokens_per_s=w_tokens / dt, examples_per_s=w_examples / dt,
+                    tokens_per_s=rate(w_tokens), examples_per_s=rate(w_examples),
                     skipped_nonfinite=int(s.state.skipped))
                 log.advance(done, loss=loss, tokens_per_s=rec['tokens_per_s'])
                 window, w_tokens, w_examples = [], 0, 0

@@ -70,7 +70,7 @@ class MetricsLogger:
         info = []
         if loss is not None:
             info.append(f'loss {loss:.4f}')
-        if tokens_per_s is not None:
+        if tokens_per_s:
             info.append(f'{tokens_per_s:,.0f} tok/s')
         self._progress.update(self._task, completed=step, info='  '.join(info))
 

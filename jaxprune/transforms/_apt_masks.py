@@ -54,6 +54,7 @@ def apt_masks(
     pruning_steps: Sequence[int],
     beta: optax.ScalarOrSchedule = 0.85,
     step_size: optax.ScalarOrSchedule = 0.01,
+    budget_base: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adaptive structured masks for heads, neurons and hidden dims (APT).
 
@@ -84,6 +85,8 @@ def apt_masks(
       pruning_steps: static update counts at which masks become hard.
       beta: salience EMA decay.
       step_size: soft-mask step :math:`\eta` per update.
+      budget_base: the parameter count densities refer to (default: the prunable count of
+        ``structures``). Pass the original model's count when rebuilding after surgery.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes ``salience=``.
@@ -121,7 +124,12 @@ def apt_masks(
             }
         dens = apt_scores.salience_density(ema, structures)
         target = _budget.budget_keep(
-            dens, structures, shapes_or_params, _value(density_schedule, count), eligible=state.alive
+            dens,
+            structures,
+            shapes_or_params,
+            _value(density_schedule, count),
+            eligible=state.alive,
+            budget_base=budget_base,
         )
         eta = _value(step_size, state.count)
         prune_now = jnp.any(steps == count)

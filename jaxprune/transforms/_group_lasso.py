@@ -159,8 +159,8 @@ def group_lasso(
       ValueError: at update time when ``params`` is missing.
 
     References:
-      Lu et al., 2024 (ATP), Sec. 3.3, group-lasso regulariser on LoRA weights of pruned
-      structures with proximal updates; Yuan & Lin, 2006 (group lasso). Deviation: ``r_g``
+      Lu et al., 2024 (ATP), arXiv:2412.14426, sparsity regularisation: group lasso on the
+      LoRA weights of pruned structures with proximal updates; Yuan & Lin, 2006 (group lasso). Deviation: ``r_g``
       generalises the paper's 0/1 selection of pruned groups to soft masks.
     """
 

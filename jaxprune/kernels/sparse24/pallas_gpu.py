@@ -39,6 +39,7 @@ from jaxprune.kernels.sparse24 import format as fmt
 from jaxprune.kernels.sparse24 import pallas_tpu
 
 _WGMMA_M = 64
+_STEPS = 2
 
 
 def _transforms(minor: int, dtype) -> tuple:
@@ -48,10 +49,11 @@ def _transforms(minor: int, dtype) -> tuple:
 
 
 def sparse24_gpu_kernel(xq_smem, v_smems, meta_smem, d_smem, acc_ref):
-    """One K step: decode eight planes into SMEM, then eight wgmma into the f32 accumulator.
+    """One K step: decode each of the eight planes into SMEM and ``wgmma`` it into the f32 acc.
 
     Refs: ``xq_smem [8, 64, bk8]``, ``v_smems`` = (plane0 even, plane1 even, plane0 odd,
-    plane1 odd) each ``[bk8, bn]``, ``meta_smem u8[bk8, bn]``, ``d_smem [8, bk8, bn]`` scratch.
+    plane1 odd) each ``[bk8, bn]``, ``meta_smem u8[bk8, bn]``, ``d_smem [2, bk8, bn]`` (double
+    buffer: plane ``j`` is decoded while the wgmma of plane ``j - 1`` runs).
     """
     meta = meta_smem[...].astype(jnp.int32)
     for p in range(2):
@@ -60,10 +62,12 @@ def sparse24_gpu_kernel(xq_smem, v_smems, meta_smem, d_smem, acc_ref):
         v0, v1 = v_smems[2 * p][...], v_smems[2 * p + 1][...]
         zero = jnp.zeros_like(v0)
         for i in range(fmt.GROUP):
-            d_smem[fmt.GROUP * p + i] = jnp.where(idx0 == i, v0, jnp.where(idx1 == i, v1, zero))
-    plgpu.commit_smem()
-    for j in range(2 * fmt.GROUP):
-        plgpu.wgmma(acc_ref, xq_smem.at[j], d_smem.at[j])
+            j = fmt.GROUP * p + i
+            if j >= 2:
+                plgpu.wgmma_wait(1)  # the wgmma that read d_smem[j % 2] (plane j - 2) is done
+            d_smem[j % 2] = jnp.where(idx0 == i, v0, jnp.where(idx1 == i, v1, zero))
+            plgpu.commit_smem()
+            plgpu.wgmma(acc_ref, xq_smem.at[j], d_smem.at[j % 2])
     plgpu.wgmma_wait(0)
 
 
@@ -117,9 +121,9 @@ def sparse24_matmul_gpu(
     v3 = s.values.reshape(2, k // 8, 2 * n)  # free view; odd groups are columns N..2N-1
     dtype = x.dtype
     x_spec = plgpu.BlockSpec(
-        (8, bm, bk8), lambda kk: (0, 0, kk), transforms=_transforms(bk8, dtype)
+        (8, bm, bk8), lambda kk: (0, 0, kk)
     )
-    w_spec = plgpu.BlockSpec((bk8, bn), lambda kk: (kk, 0), transforms=_transforms(bn, dtype))
+    w_spec = plgpu.BlockSpec((bk8, bn), lambda kk: (kk, 0))
     meta_spec = plgpu.BlockSpec((bk8, bn), lambda kk: (kk, 0))
 
     def body(xq_gmem, v_gmem, meta_gmem, o_gmem, d_smem, o_smem):
@@ -140,7 +144,7 @@ def sparse24_matmul_gpu(
                 step,
                 grid=(k // block_k,),
                 in_specs=[x_spec, w_spec, w_spec, w_spec, w_spec, meta_spec],
-                max_concurrent_steps=2,
+                max_concurrent_steps=_STEPS,
             )(xq_gmem.at[:, rows, :], *v_parts, meta_gmem.at[:, cols])
             o_smem[...] = acc_ref[...].astype(dtype)
             plgpu.commit_smem()
@@ -155,8 +159,8 @@ def sparse24_matmul_gpu(
         grid=(m_pad // bm, n // bn),
         grid_names=('m', 'n'),
         scratch_types=[
-            plgpu.SMEM((8, bk8, bn), dtype, transforms=_transforms(bn, dtype)),
-            plgpu.SMEM((bm, bn), dtype, transforms=_transforms(bn, dtype)),
+            plgpu.SMEM((2, bk8, bn), dtype),
+            plgpu.SMEM((bm, bn), dtype),
         ],
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=_interpret_params() if interpret else None,
