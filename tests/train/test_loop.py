@@ -1,0 +1,140 @@
+"""The training loop: metrics, checkpoints, NaN handling, exact eval and kill-and-resume."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxprune import checkpoint, config, train
+from jaxprune.train import _data, _method
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _events(run_dir, kind):
+    return [e for e in train.read_metrics(run_dir) if e['event'] == kind]
+
+
+def test_train_writes_metrics_config_and_checkpoints(tiny):
+    cfg = tiny('train.steps=6', 'checkpoint.every=3', 'train.log_every=2', 'train.eval_every=3')
+    final = train.train(cfg, progress=False)
+    run = pathlib.Path(cfg.run_dir)
+    assert config.load_config(run / 'config.yaml') == cfg
+    logs = _events(run, 'train')
+    assert [e['step'] for e in logs] == [2, 4, 6]
+    for e in logs:
+        assert {'loss', 'lr', 'tokens_per_s', 'examples_per_s', 'skipped_nonfinite'} <= set(e)
+        assert np.isfinite(e['loss'])
+    assert all(e['tokens_per_s'] > 0 and e['examples_per_s'] > 0 for e in logs[1:])
+    evals = _events(run, 'eval')
+    assert [e['step'] for e in evals] == [3, 6]
+    assert final == evals[-1] and final['count'] == 100 and 0 <= final['accuracy'] <= 1
+    assert checkpoint.Checkpointer(cfg.checkpoint_dir).all_steps() == [3, 6]
+    # evaluate() restores the last checkpoint and reproduces the final eval exactly.
+    again = train.evaluate(cfg)
+    assert again['step'] == 6
+    assert again['loss'] == final['loss'] and again['accuracy'] == final['accuracy']
+
+
+@config.register_prune('_nan_test')
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _NanCfg(config.PruneCfg):
+    pass
+
+
+class _NanOnOddLabel(_method.NoMethod):
+    """A NaN loss whenever the batch's first label is 1 (about every other step)."""
+
+    def loss_extras(self, trainable, out, batch):
+        return jnp.where(batch['labels'][0] == 1, jnp.nan, 0.0), {}
+
+
+_method.register_method('_nan_test')(lambda cfg, **kw: _NanOnOddLabel())
+
+
+def test_nonfinite_steps_are_skipped_counted_and_never_checkpointed(tiny):
+    cfg = tiny('train.steps=8', 'checkpoint.every=2', 'train.log_every=4',
+               'prune.method=_nan_test')
+    final = train.train(cfg, progress=False)
+    assert final['skipped_nonfinite'] > 0 and np.isfinite(final['loss'])
+    assert _events(cfg.run_dir, 'train')[-1]['skipped_nonfinite'] == final['skipped_nonfinite']
+    ckpt = checkpoint.Checkpointer(cfg.checkpoint_dir)
+    s = train.setup(cfg)
+    for step in ckpt.all_steps():
+        state, meta = ckpt.restore(step, target=jax.eval_shape(lambda: s.state))
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.trainable))
+        assert meta['data_position'] == step
+
+
+@pytest.mark.parametrize('task,dataset,tok_len', [
+    ('classification', 'tiny-sentiment', 'max_len'), ('causal_lm', 'tiny-text', 'seq_len')])
+def test_eval_batches_cover_the_split_exactly_once(task, dataset, tok_len):
+    dcfg = config.DataCfg(dataset=dataset, eval_batch_size=16, max_len=32, seq_len=32)
+    split = _data.load_splits(dcfg)['validation']
+    tok = train.tiny_tokenizer()
+    batches = _data.eval_batches(split, tok, dcfg, task=task)
+    assert len({b['input_ids'].shape for b in batches}) == 1  # static shapes: one compile
+    labels = np.concatenate([b['labels'].reshape(-1) for b in batches])
+    if task == 'classification':
+        np.testing.assert_array_equal(labels[labels >= 0], np.asarray(split['label']))
+        assert (labels < 0).sum() == (-len(split)) % 16
+    else:
+        ids = []
+        for t in tok(list(split['text']), add_special_tokens=False)['input_ids']:
+            ids += t + [tok.eos_token_id]
+        np.testing.assert_array_equal(labels[labels >= 0], ids[1:])  # every next token once
+
+
+def _cli(run_dir, *extra):
+    return [sys.executable, '-m', 'jaxprune.cli', 'train', str(REPO / 'configs' / 'tiny.yaml'),
+            f'run_dir={run_dir}', 'mesh.data=1', 'train.steps=20', 'checkpoint.every=5',
+            'checkpoint.keep=3', 'train.log_every=1', *extra]
+
+
+def _final(run_dir):
+    evals = _events(run_dir, 'eval')
+    losses = {e['step']: e['loss'] for e in _events(run_dir, 'train')}  # last write wins
+    return evals[-1], losses
+
+
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
+    env = {**os.environ, 'JAXPRUNE_DEBUG': '1'}
+    ref_dir, run_dir = tmp_path / 'ref', tmp_path / 'run'
+    subprocess.run(_cli(ref_dir), check=True, env=env, cwd=REPO, timeout=300,
+                   capture_output=True)
+    proc = subprocess.Popen(_cli(run_dir), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt_dir = run_dir / 'checkpoints'
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, 'the run ended before it could be killed'
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    killed_at = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    assert killed_at < 20 and not _events(run_dir, 'eval')
+    subprocess.run(_cli(run_dir), check=True, env=env, cwd=REPO, timeout=300,
+                   capture_output=True)
+    resumes = _events(run_dir, 'resume')
+    assert len(resumes) == 1 and 5 <= resumes[0]['step'] < 20
+    ref_eval, ref_losses = _final(ref_dir)
+    got_eval, got_losses = _final(run_dir)
+    assert got_eval['step'] == ref_eval['step'] == 20
+    for k in ('loss', 'accuracy', 'count', 'skipped_nonfinite'):
+        assert got_eval[k] == ref_eval[k], k  # bit-exact on one CPU device
+    assert got_losses == ref_losses
+    lines = (run_dir / 'metrics.jsonl').read_text().splitlines()
+    assert all(json.loads(line) for line in lines)  # no torn line from the kill
