@@ -151,3 +151,41 @@ def test_apt_salience_adds_outlier_and_density_divides():
     dens = _apt.salience_density(base, _structures())
     for s in _structures():
         np.testing.assert_allclose(dens[(s.kind, s.layer)], base[(s.kind, s.layer)] / s.params_per_unit)
+
+
+def test_salience_zero_for_masked_units_tiny_llama():
+    """Invariant on the real model: masked units get exactly zero salience, others positive."""
+    from flax import nnx
+
+    from jaxprune.masks import _structured
+    from jaxprune.models import _llama, _structures
+
+    config = _llama.LlamaConfig.tiny()
+    model = _llama.Llama(config, rngs=nnx.Rngs(0))
+    structs = _structures.structures(config)
+    unit = {(s.kind, s.layer): jnp.ones((s.size,)) for s in structs}
+    unit[('heads', 0)] = unit[('heads', 0)].at[1].set(0.0)
+    unit[('mlp', 1)] = unit[('mlp', 1)].at[jnp.array([0, 5, 7])].set(0.0)
+    unit[('hidden', None)] = unit[('hidden', None)].at[3].set(0.0)
+    masks = _structured.to_model_masks(unit, num_layers=config.num_layers,
+                                       q_per_kv=config.q_per_kv)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 6)))
+    taps = _llama.make_taps(config, *ids.shape)
+
+    @jax.jit
+    def run(taps):
+        def loss(taps):
+            logits, acts = model(ids, masks=masks, taps=taps)
+            return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]), acts
+        (_, acts), grads = jax.value_and_grad(loss, has_aux=True)(taps)
+        return acts, grads
+
+    acts, grads = run(taps)
+    sal = _apt.salience_from_taps(acts, grads, structs)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    bonus = _apt.outlier_scores(params, acts, structs)
+    for key, m in unit.items():
+        s = np.asarray(sal[key])
+        np.testing.assert_array_equal(s[np.asarray(m) == 0], 0.0)
+        assert np.all(s[np.asarray(m) == 1] > 0), key
+        assert np.all(np.isfinite(np.asarray(bonus[key])))

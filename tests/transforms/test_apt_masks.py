@@ -161,3 +161,53 @@ def test_apt_masks_without_salience_keeps_ema():
     _, s2 = tx.update(params, s1, params)
     for k in s1.salience_ema:
         np.testing.assert_array_equal(s1.salience_ema[k], s2.salience_ema[k])
+
+
+def test_apt_masks_inject_hyperparams_and_multisteps():
+    structs, params = toy()
+    steps = (2,)
+    tx = optax.inject_hyperparams(_apt_masks.apt_masks, static_args=('pruning_steps',))(
+        structs, params, density_schedule=0.5, pruning_steps=steps, step_size=0.1)
+    state = tx.init(params)
+    _, state = jax.jit(lambda s, sal: tx.update(params, s, params, salience=sal))(
+        state, _salience(structs, 0))
+    assert float(state.hyperparams['step_size']) == pytest.approx(0.1)
+    assert optax.tree.get(state, 'masks') is not None
+    multi = optax.MultiSteps(
+        _apt_masks.apt_masks(structs, params, density_schedule=0.5, pruning_steps=steps), 2)
+    mstate = multi.init(params)
+    for i in range(4):
+        _, mstate = multi.update(params, mstate, params, salience=_salience(structs, i))
+    assert int(optax.tree.get(mstate, 'count')) == 2  # inner transform ran every 2nd call
+
+
+def test_apt_masks_sharding_stable():
+    """jax.typeof of the state is unchanged by a jitted update on an 8-device mesh."""
+    structs, params = toy()
+    mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    tx = _apt_masks.apt_masks(structs, params, density_schedule=0.5, pruning_steps=(3,))
+    state = jax.device_put(tx.init(params), rep)
+    sal = jax.device_put(_salience(structs, 0), rep)
+    new = jax.jit(lambda s, sal: tx.update(params, s, params, salience=sal)[1])(state, sal)
+    assert jax.tree.map(jax.typeof, new) == jax.tree.map(jax.typeof, state)
+    assert jax.tree.map(lambda x: x.sharding, new) == jax.tree.map(lambda x: x.sharding, state)
+
+
+def test_to_model_masks_layout():
+    from jaxprune.masks import _structured
+
+    unit = {('heads', 0): jnp.array([1.0, 0.0]), ('mlp', 1): jnp.array([0.0, 1.0, 1.0]),
+            ('hidden', None): jnp.array([1.0, 0.5])}
+    lora = {('layers', 1, 'attn', 'q_proj'): jnp.array([1.0, 0.0])}
+    got = _structured.to_model_masks(unit, num_layers=2, q_per_kv=2, lora_masks=lora)
+    np.testing.assert_array_equal(got['layers'][0]['heads'], [1, 1, 0, 0])
+    np.testing.assert_array_equal(got['layers'][1]['mlp'], [0, 1, 1])
+    np.testing.assert_array_equal(got['layers'][1]['lora']['q_proj'], [1, 0])
+    np.testing.assert_array_equal(got['hidden'], [1, 0.5])
+    assert 'mlp' not in got['layers'][0] and 'heads' not in got['layers'][1]
+    with pytest.raises(ValueError, match='layers'):
+        _structured.to_model_masks({}, num_layers=1, lora_masks={('lm_head',): jnp.ones(2)})
+    hard = _structured.binarize(unit)
+    np.testing.assert_array_equal(hard[('hidden', None)], [1, 1])
+    assert bool(_structured.keep_from_masks(unit)[('heads', 0)][0])
