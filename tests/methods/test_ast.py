@@ -215,6 +215,7 @@ def test_ast_inject_hyperparams():
     assert optax.tree.get(state, 'masks')['layers'][0]['up']['kernel'].dtype == jnp.bool_
 
 
+@pytest.mark.slow  # compiles a (tiny) Llama forward+backward: ~30 s on 2 shared cores
 def test_ast_on_tiny_llama_with_distillation():
     from flax import nnx
 
