@@ -171,3 +171,25 @@ def test_sparsify_sharding_stable(spec):
         assert jax.tree.map(jax.typeof, state) == t0  # masks shard like the kernel, stably
     np.testing.assert_array_equal(np.asarray(state.masks['layers'][0]['kernel']),
                                   _np_masks({'layers': {0: {'kernel': w - 1e-2 * jnp.sign(w)}}})[0])
+
+
+def test_sparsify_on_nnx_state():
+    from flax import nnx
+
+    class Tiny(nnx.Module):
+        def __init__(self, rngs):
+            self.layers = nnx.List([nnx.Linear(8, 4, rngs=rngs), nnx.Linear(4, 8, rngs=rngs)])
+
+    params = nnx.state(Tiny(nnx.Rngs(0)), nnx.Param)
+    tx = _sparsify.sparsify(optax.adamw(1e-2), update_every=1)
+    state = tx.init(params)
+    masks = optax.tree.get(state, 'masks')
+    paths = {_nm.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(masks)[0]}
+    assert paths == {'layers.0.kernel', 'layers.1.kernel'}  # biases stay dense (None)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    new = optax.apply_updates(params, updates)
+    w = new['layers'][0]['kernel'][...]
+    np.testing.assert_array_equal(np.asarray(state.masks['layers'][0]['kernel'][...]),
+                                  np.asarray(_nm.nm_mask(jnp.abs(w))))
+    assert type(_nm.ste_apply(new, state.masks)) is type(params)
