@@ -145,6 +145,7 @@ def test_taps_gradient_matches_finite_difference(arch, graph_mode):
     graphdef, params = nnx.split(model)
     w = jax.random.normal(jax.random.key(3), model(IDS, AMASK).shape)
 
+    @jax.jit
     def loss(taps):
         out, _ = nnx.merge(graphdef, params)(IDS, AMASK, taps=taps)
         return jnp.sum(out * w)
@@ -193,3 +194,20 @@ def test_masks_layer_count_is_checked():
     model = _model('llama')
     with pytest.raises(ValueError, match='one dict per layer'):
         model(IDS, masks={'layers': ({},)})
+
+
+@pytest.mark.parametrize('arch', ['llama', 'bert'])
+def test_functional_jit_matches_eager(arch, graph_mode):
+    """split -> jit(merge + forward) with masks as traced inputs equals the eager call (1e-5)."""
+    model = _model(arch, LORA)
+    _perturb_lora(model)
+    masks = _ones_masks(model)
+    masks['layers'][0]['heads'] = jnp.asarray([1.0, 0.0, 1.0, 1.0])
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    @jax.jit
+    def fwd(params, masks):
+        return nnx.merge(graphdef, params, rest)(IDS, AMASK, masks=masks, lora_aware=True)
+
+    eager = model(IDS, AMASK, masks=masks, lora_aware=True)
+    np.testing.assert_allclose(fwd(params, masks), eager, atol=TOL, rtol=0)
