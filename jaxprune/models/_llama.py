@@ -43,6 +43,8 @@ class LlamaConfig:
     = uniform ``num_heads``/``intermediate_size``). Query heads per layer are always a multiple of
     ``q_per_kv = num_heads // num_kv_heads`` (a KV group is pruned with its query heads).
     ``rope_scaling`` is stored as a sorted tuple of items (hashable); pass a dict.
+    Mistral configs load as Llama; ``sliding_window`` is ignored (exact for sequences shorter
+    than the window).
     """
 
     vocab_size: int

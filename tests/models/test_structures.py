@@ -130,3 +130,18 @@ def test_pruned_logits_equal_masked_logits(config, kind):
     )
     nnx.update(small, state)
     np.testing.assert_allclose(small(ids), masked, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('config', CONFIGS)
+def test_every_param_has_logical_axes(config):
+    from jaxprune import typing as jpt
+
+    state = _structures.abstract_params(config, lora=LORA)
+    for path, var in nnx.to_flat_state(state):
+        axes = var.get_metadata().get('out_sharding')
+        assert axes is not None and len(axes) == len(var.shape), path
+        assert all(a is None or a in jpt.LOGICAL_AXES for a in axes), (path, axes)
+        if path[-1] == 'lora_a':
+            assert axes[1] == 'lora_rank' and isinstance(var, nnx.LoRAParam)
+        if path[-1] == 'lora_b':
+            assert axes[0] == 'lora_rank' and isinstance(var, nnx.LoRAParam)
