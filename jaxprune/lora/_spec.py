@@ -14,7 +14,7 @@ from flax import nnx
 DEFAULT_TARGETS = r'.*\.(q_proj|v_proj|query|value)'
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True)
 class LoraSpec:
     """Where and how large LoRA adapters are.
 

@@ -191,33 +191,8 @@ class _Tensors:
 
 
 def _load_file(file: pathlib.Path) -> dict[str, np.ndarray]:
-    try:
-        return st_numpy.load_file(str(file))
-    except (TypeError, ValueError):
-        # numpy has no bfloat16: decode BF16 tensors by hand through ml_dtypes.
-        import ml_dtypes
-
-        raw = file.read_bytes()
-        n = int.from_bytes(raw[:8], 'little')
-        header = json.loads(raw[8 : 8 + n])
-        dtypes = {
-            'BF16': ml_dtypes.bfloat16,
-            'F16': np.float16,
-            'F32': np.float32,
-            'F64': np.float64,
-            'I64': np.int64,
-            'I32': np.int32,
-            'U8': np.uint8,
-            'BOOL': np.bool_,
-        }
-        out = {}
-        for k, info in header.items():
-            if k == '__metadata__':
-                continue
-            start, end = info['data_offsets']
-            buf = raw[8 + n + start : 8 + n + end]
-            out[k] = np.frombuffer(buf, dtype=dtypes[info['dtype']]).reshape(info['shape'])
-        return out
+    # safetensors.numpy decodes BF16 through ml_dtypes; no torch needed.
+    return st_numpy.load_file(str(file))
 
 
 def _build(config, *, lora, dtype, rngs):
@@ -318,7 +293,7 @@ def load_pretrained(
         used.add(found)
         _unflat_set(state, name, jnp.asarray(value, dtype=dtype))
     unused = [k for k in tensors if k not in used and not _IGNORED.match(k)]
-    if config_tied(config) and any(k.endswith('lm_head.weight') for k in unused):
+    if _tied(config) and any(k.endswith('lm_head.weight') for k in unused):
         unused = [k for k in unused if not k.endswith('lm_head.weight')]
     if unused:
         log.warning('ignored %d checkpoint tensors, e.g. %s', len(unused), unused[:5])
@@ -326,7 +301,7 @@ def load_pretrained(
     return model, config
 
 
-def config_tied(config) -> bool:
+def _tied(config) -> bool:
     return bool(getattr(config, 'tie_word_embeddings', False))
 
 

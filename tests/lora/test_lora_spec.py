@@ -29,6 +29,7 @@ def test_lora_spec_validation(kw, match):
 def test_default_targets_are_query_and_value():
     spec = _spec.LoraSpec()
     assert spec.scale == 2.0
+    assert _spec.LoraSpec(4, 8.0) == _spec.LoraSpec(rank=4, alpha=8.0)
     hits = [
         'layers.3.attn.q_proj',
         'layers.0.attn.v_proj',

@@ -93,7 +93,7 @@ def test_sharded_index_and_bf16(llama_dir):
     assert loaded16.layers[0].attn.q_proj.kernel[...].dtype == jnp.bfloat16
 
 
-def test_bf16_safetensors_fallback(tmp_path):
+def test_bf16_safetensors_are_decoded(tmp_path):
     raw = np.arange(6, dtype=np.float32).reshape(2, 3)
     path = tmp_path / 'x.safetensors'
     header = json.dumps({'w': {'dtype': 'BF16', 'shape': [2, 3], 'data_offsets': [0, 12]}})
