@@ -243,10 +243,12 @@ def atp_surgery_plan(
       'kv_groups': int[kept KV groups], 'v_cols': int[kept v_proj columns],
       'o_rows': int[kept o_proj rows], 'mlp': int[kept neurons]}``.
     """
+    def idx(v):
+        return np.flatnonzero(np.asarray(v) > 0.5)
+
     plan = []
     for layer_masks, d in zip(masks['layers'], dims, strict=True):
         keep = _density.linear_keep(layer_masks, d)
-        idx = lambda v: np.flatnonzero(np.asarray(v) > 0.5)  # noqa: E731
         plan.append({
             'attn_in': idx(keep['q_proj'][0]),
             'attn_out': idx(keep['o_proj'][1]),

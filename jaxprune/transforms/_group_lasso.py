@@ -160,8 +160,9 @@ def group_lasso(
 
     References:
       Lu et al., 2024 (ATP), arXiv:2412.14426, sparsity regularisation: group lasso on the
-      LoRA weights of pruned structures with proximal updates; Yuan & Lin, 2006 (group lasso). Deviation: ``r_g``
-      generalises the paper's 0/1 selection of pruned groups to soft masks.
+      LoRA weights of pruned structures with proximal updates; Yuan & Lin, 2006 (group
+      lasso). Deviation: ``r_g`` generalises the paper's 0/1 selection of pruned groups to soft
+      masks.
     """
 
     def init_fn(params):

@@ -9,12 +9,13 @@ from jaxprune.masks import _density
 
 # (hidden, heads, kv_heads, head_dim, mlp) per layer; MHA, GQA and non-uniform layers.
 CONFIGS = {
-    'mha': dict(num_layers=2, hidden_size=12, num_heads=3, num_kv_heads=3, head_dim=4,
-                intermediate_size=10),
-    'gqa': dict(num_layers=2, hidden_size=16, num_heads=4, num_kv_heads=2, head_dim=4,
-                intermediate_size=12),
-    'ragged': dict(num_layers=3, hidden_size=8, num_heads=4, num_kv_heads=2, head_dim=2,
-                   intermediate_size=16, layer_heads=(4, 2, 4), layer_mlp=(16, 8, 5)),
+    'mha': {'num_layers': 2, 'hidden_size': 12, 'num_heads': 3, 'num_kv_heads': 3,
+            'head_dim': 4, 'intermediate_size': 10},
+    'gqa': {'num_layers': 2, 'hidden_size': 16, 'num_heads': 4, 'num_kv_heads': 2,
+            'head_dim': 4, 'intermediate_size': 12},
+    'ragged': {'num_layers': 3, 'hidden_size': 8, 'num_heads': 4, 'num_kv_heads': 2,
+               'head_dim': 2, 'intermediate_size': 16, 'layer_heads': (4, 2, 4),
+               'layer_mlp': (16, 8, 5)},
 }
 
 

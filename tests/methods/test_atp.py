@@ -13,8 +13,8 @@ from jaxprune.methods import _atp
 from jaxprune.scores import _atp_generator
 from jaxprune.transforms import _group_lasso
 
-TOY = dict(num_layers=2, hidden_size=8, num_heads=2, num_kv_heads=2, head_dim=4,
-           intermediate_size=12)
+TOY = {'num_layers': 2, 'hidden_size': 8, 'num_heads': 2, 'num_kv_heads': 2, 'head_dim': 4,
+       'intermediate_size': 12}
 
 
 def _importance(dims, seed=0):

@@ -8,10 +8,10 @@ import pytest
 from jaxprune.masks import _density
 from jaxprune.scores import _atp_generator
 
-MHA = dict(num_layers=3, hidden_size=12, num_heads=3, num_kv_heads=3, head_dim=4,
-           intermediate_size=10)
-GQA = dict(num_layers=2, hidden_size=16, num_heads=4, num_kv_heads=2, head_dim=4,
-           intermediate_size=12, layer_mlp=(12, 7))
+MHA = {'num_layers': 3, 'hidden_size': 12, 'num_heads': 3, 'num_kv_heads': 3, 'head_dim': 4,
+       'intermediate_size': 10}
+GQA = {'num_layers': 2, 'hidden_size': 16, 'num_heads': 4, 'num_kv_heads': 2, 'head_dim': 4,
+       'intermediate_size': 12, 'layer_mlp': (12, 7)}
 
 
 def _np_layer_norm(p, x):
