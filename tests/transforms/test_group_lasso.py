@@ -183,3 +183,26 @@ def test_group_lasso_bf16_and_multisteps():
     np.testing.assert_array_equal(np.asarray(u1['a']), 0.0)  # accumulating: no step yet
     u2, state = multi.update(zeros, state, params, masks=masks)
     np.testing.assert_array_equal(np.asarray(optax.apply_updates(params, u2)['a']), 0.0)
+
+
+def test_group_lasso_sharding_stable():
+    """Under jit on an 8-device mesh the updates keep the params' shardings and types."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    if len(jax.devices()) < 8:
+        pytest.skip('needs 8 (fake CPU) devices')
+    mesh = jax.make_mesh((8,), ('x',), axis_types=(AxisType.Auto,))
+    params = _params(jax.random.key(0), k=16, r=2, n=8)
+    params = {'a': jax.device_put(params['a'], NamedSharding(mesh, PartitionSpec('x', None))),
+              'b': jax.device_put(params['b'], NamedSharding(mesh, PartitionSpec(None, 'x')))}
+    masks = {'in': (jnp.arange(16) % 2).astype(jnp.float32), 'out': jnp.zeros(8)}
+    tx = optax.chain(optax.adamw(1e-2),
+                     _group_lasso.group_lasso(_shares_fn, strength=1.0, learning_rate=1e-2))
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    update = jax.jit(tx.update)
+    u, state1 = update(grads, state, params, masks=masks)
+    for name in params:
+        assert u[name].sharding.is_equivalent_to(params[name].sharding, 2)
+    _, state2 = update(grads, state1, optax.apply_updates(params, u), masks=masks)
+    assert jax.tree.map(jax.typeof, state2) == jax.tree.map(jax.typeof, state1)
