@@ -10,8 +10,9 @@ Training alternates two updates on every batch:
    removes, followed by the proximal group lasso (``jaxprune.transforms._group_lasso``) inside
    the LLM optimizer chain, which drives the LoRA factors of pruned channels to zero.
 
-After the *control phase* (``freeze_step`` steps) the masks are frozen to
-:func:`atp_export_masks` and only step 2 continues, with the fixed masks. Once the group lasso
+After the *control phase* (a step count the training loop chooses; the loop, outside jit, picks
+which jitted step to call) the masks are frozen to :func:`atp_export_masks` and only step 2
+continues, with the fixed masks. Once the group lasso
 has zeroed the pruned LoRA groups, ``(W x) * m + s B A x == ((W + s B A) x) * m`` on the kept
 channels, so the model can be merged and pruned.
 
