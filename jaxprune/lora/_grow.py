@@ -91,7 +91,7 @@ def rank_salience(params: Any, grads: Any) -> dict[Path, jax.Array]:
 def ema(
     old: Mapping[Path, jax.Array] | None, new: Mapping[Path, jax.Array], beta: float = 0.85
 ) -> dict[Path, jax.Array]:
-    """Exponential moving average ``beta * old + (1 - beta) * new`` (``new`` when ``old`` is None)."""
+    """EMA ``beta * old + (1 - beta) * new`` of rank saliences (``new`` when ``old`` is None)."""
     if old is None:
         return dict(new)
     return {k: beta * old[k] + (1 - beta) * new[k] for k in new}

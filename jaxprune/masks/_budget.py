@@ -44,7 +44,9 @@ def _key_name(key: Any) -> Any:
 class _CountPlan:
     """Static (python) description of the exact kept-parameter count."""
 
-    def __init__(self, structures: Sequence[Any], shapes: Mapping[tuple[Any, ...], tuple[int, ...]]):
+    def __init__(
+        self, structures: Sequence[Any], shapes: Mapping[tuple[Any, ...], tuple[int, ...]]
+    ):
         self.keys = [apt_scores.structure_key(s) for s in structures]
         self.sizes = [int(s.size) for s in structures]
         axes: dict[tuple[Any, ...], dict[int, tuple[int, int]]] = {}

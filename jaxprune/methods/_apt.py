@@ -164,7 +164,7 @@ def apt_loss(
     projections: Sequence[Any] | None = None,
     mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    r"""APT's self-distillation objective :math:`\mu L_\mathrm{distill} + (1 - \mu) L_\mathrm{task}`.
+    r"""APT's self-distillation objective :math:`\mu L_\mathrm{dist} + (1 - \mu) L_\mathrm{task}`.
 
     :math:`L_\mathrm{distill} = \mathrm{KL}_T(\text{teacher} \| \text{student})` plus, when hidden
     states are given, the layer-wise MSE through the trainable ``projections``

@@ -31,7 +31,7 @@ def channel_salience(act_abs_sum: jax.Array, tap_grad: jax.Array) -> jax.Array:
     r"""Per-channel APT salience from summed activations and the tap gradient.
 
     .. math::
-        S_c = \Big(\sum_{b,t} |H_{b,t,c}|\Big)\,\Big(\sum_{b,t} |\partial L / \partial H_{b,t,c}|\Big)
+        S_c = \Big(\sum_{b,t} |H_{b,t,c}|\Big)\Big(\sum_{b,t} |\partial L/\partial H_{b,t,c}|\Big)
 
     Args:
       act_abs_sum: ``f32[C]``, :math:`\sum_{b,t} |H|` as returned by the model's ``acts``.

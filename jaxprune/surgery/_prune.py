@@ -45,7 +45,9 @@ def _lora_spec_from_params(params: Any) -> Any:
     if not paths:
         return None
     if len(ranks) > 1:
-        raise ValueError(f'adapters have different ranks {sorted(ranks)}; resize them to one bucket')
+        raise ValueError(
+            f'adapters have different ranks {sorted(ranks)}; resize them to one bucket'
+        )
     from jaxprune.lora import _spec
 
     rank = ranks.pop()

@@ -115,7 +115,9 @@ def apt_masks(
         else:
             missing = set(keys) - set(salience)
             if missing:
-                raise ValueError(f'salience lacks {sorted(missing, key=str)}; pass one per structure')
+                raise ValueError(
+                    f'salience lacks {sorted(missing, key=str)}; pass one per structure'
+                )
             b = _value(beta, state.count)
             first = state.count == 0
             ema = {

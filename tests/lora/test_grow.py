@@ -15,10 +15,18 @@ LORA = _spec.LoraSpec(rank=8, alpha=16.0, targets=r'.*\.(q_proj|v_proj|down_proj
 
 def _toy_params(seed=0, k=5, n=3, r=4):
     rng = np.random.default_rng(seed)
-    return {'layers': {i: {'q': {'kernel': jnp.asarray(rng.normal(size=(k, n))),
-                                 'lora_a': jnp.asarray(rng.normal(size=(k, r))),
-                                 'lora_b': jnp.asarray(rng.normal(size=(r, n)))}}
-                       for i in range(4)}}
+    return {
+        'layers': {
+            i: {
+                'q': {
+                    'kernel': jnp.asarray(rng.normal(size=(k, n))),
+                    'lora_a': jnp.asarray(rng.normal(size=(k, r))),
+                    'lora_b': jnp.asarray(rng.normal(size=(r, n))),
+                }
+            }
+            for i in range(4)
+        }
+    }
 
 
 def test_rank_salience_matches_reference():
@@ -28,7 +36,9 @@ def test_rank_salience_matches_reference():
     for i in range(4):
         a = np.asarray(params['layers'][i]['q']['lora_a'])
         g = np.asarray(grads['layers'][i]['q']['lora_a'])
-        want = [abs(sum(a[kk, j] * g[kk, j] for kk in range(a.shape[0]))) for j in range(a.shape[1])]
+        want = [
+            abs(sum(a[kk, j] * g[kk, j] for kk in range(a.shape[0]))) for j in range(a.shape[1])
+        ]
         np.testing.assert_allclose(got[('layers', i, 'q')], want, rtol=1e-5)
 
 
@@ -36,15 +46,18 @@ def test_grow_ranks_top_half_capped():
     params = _toy_params(0, r=8)
     masks = _grow.init_rank_masks(params, 2)
     sal = {p: jnp.full((8,), float(i)) for i, p in enumerate(sorted(masks, key=str))}
-    new_params, new_masks = _grow.grow_ranks(params, masks, sal, key=jax.random.key(0),
-                                             factor=3.0, max_rank=5)
+    new_params, new_masks = _grow.grow_ranks(
+        params, masks, sal, key=jax.random.key(0), factor=3.0, max_rank=5
+    )
     ranks = [int(new_masks[p].sum()) for p in sorted(masks, key=str)]
     assert ranks == [2, 2, 5, 5]  # top half by salience, ceil(2 * 3) = 6 capped at 5
     for p in masks:
         b = np.asarray(new_params[p[0]][p[1]][p[2]]['lora_b'])
         fresh = (np.asarray(new_masks[p]) > 0) & (np.asarray(masks[p]) == 0)
         np.testing.assert_array_equal(b[fresh], 0.0)
-        np.testing.assert_array_equal(b[~fresh], np.asarray(params[p[0]][p[1]][p[2]]['lora_b'])[~fresh])
+        np.testing.assert_array_equal(
+            b[~fresh], np.asarray(params[p[0]][p[1]][p[2]]['lora_b'])[~fresh]
+        )
     with pytest.raises(ValueError):
         _grow.grow_ranks(params, masks, sal, key=jax.random.key(0), factor=0.5)
 
@@ -55,15 +68,17 @@ def _model_with_lora(seed=0):
     # Non-zero B everywhere (also in inactive rows): growth must zero the rows it activates.
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: x + 0.3 if getattr(p[-1], 'key', None) == 'lora_b' else x,
-        nnx.state(model, nnx.Param))
+        nnx.state(model, nnx.Param),
+    )
     nnx.update(model, params)
     return model, config
 
 
 def _logits(model, config, masks):
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 100, (2, 6)))
-    return model(ids, masks=_structured.to_model_masks({}, num_layers=config.num_layers,
-                                                       lora_masks=masks))
+    return model(
+        ids, masks=_structured.to_model_masks({}, num_layers=config.num_layers, lora_masks=masks)
+    )
 
 
 @pytest.mark.parametrize('use_jit', [False, True])
@@ -116,5 +131,8 @@ def test_resize_ranks_rescale_keeps_scaled_product():
         old = params['layers'][i]['q']
         got = new['layers'][i]['q']
         # alpha / rank scale: (1/8) A[:, :3] B[:3] == (1/4) A'[:, :3] B'[:3]  (rtol 1e-5)
-        np.testing.assert_allclose(got['lora_a'][:, :3] @ got['lora_b'][:3] / 4,
-                                   old['lora_a'][:, :3] @ old['lora_b'][:3] / 8, rtol=1e-5)
+        np.testing.assert_allclose(
+            got['lora_a'][:, :3] @ got['lora_b'][:3] / 4,
+            old['lora_a'][:, :3] @ old['lora_b'][:3] / 8,
+            rtol=1e-5,
+        )

@@ -1,6 +1,7 @@
 """APT budget search: exact counts vs explicit formulas, brute force over prefixes, eligibility."""
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,15 +34,25 @@ def toy(layers=2, groups=2, qpk=2, hd=2, ffn=3, d=4, vocab=5):
         p = ('layers', ly)
         h = groups * qpk * hd
         s = {
-            'attn_norm': ((d,), 0), 'mlp_norm': ((d,), 0),
-            'q': ((d, h), 0), 'k': ((d, groups * hd), 0), 'v': ((d, groups * hd), 0),
-            'o': ((h, d), 1), 'gate': ((d, ffn), 0), 'up': ((d, ffn), 0), 'down': ((ffn, d), 1),
+            'attn_norm': ((d,), 0),
+            'mlp_norm': ((d,), 0),
+            'q': ((d, h), 0),
+            'k': ((d, groups * hd), 0),
+            'v': ((d, groups * hd), 0),
+            'o': ((h, d), 1),
+            'gate': ((d, ffn), 0),
+            'up': ((d, ffn), 0),
+            'down': ((ffn, d), 1),
         }
         for name, (shape, hidden_axis) in s.items():
             shapes[p + (name,)] = shape
             hidden.append(Slice(p + (name,), hidden_axis, 1))
-        heads = (Slice(p + ('q',), 1, qpk * hd), Slice(p + ('k',), 1, hd),
-                 Slice(p + ('v',), 1, hd), Slice(p + ('o',), 0, qpk * hd))
+        heads = (
+            Slice(p + ('q',), 1, qpk * hd),
+            Slice(p + ('k',), 1, hd),
+            Slice(p + ('v',), 1, hd),
+            Slice(p + ('o',), 0, qpk * hd),
+        )
         mlp = (Slice(p + ('gate',), 1, 1), Slice(p + ('up',), 1, 1), Slice(p + ('down',), 0, 1))
         structs.append(Structure('heads', ly, groups, d * (2 * qpk * hd + 2 * hd), heads))
         structs.append(Structure('mlp', ly, ffn, 3 * d, mlp))

@@ -28,8 +28,16 @@ def test_apt_loss_matches_reference():
     s, t = rng.normal(size=(2, 3, 7)), rng.normal(size=(2, 3, 7))
     hs, ht = [rng.normal(size=(2, 3, 4))], [rng.normal(size=(2, 3, 4))]
     proj = _apt.init_projections(1, 4)
-    loss, aux = _apt.apt_loss(jnp.float32(1.5), s, t, mu=0.25, temperature=2.0,
-                              student_hiddens=hs, teacher_hiddens=ht, projections=proj)
+    loss, aux = _apt.apt_loss(
+        jnp.float32(1.5),
+        s,
+        t,
+        mu=0.25,
+        temperature=2.0,
+        student_hiddens=hs,
+        teacher_hiddens=ht,
+        projections=proj,
+    )
     kl = _np_kl(s, t, 2.0)
     mse = ((hs[0] - ht[0]) ** 2).mean()
     # float32 vs float64: rtol 1e-5.
@@ -69,6 +77,7 @@ def _loss_fn(graphdef, rest, config, ids, masks):
         valid = labels != -100
         nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], -1)[..., 0]
         return jnp.sum(nll * valid) / jnp.sum(valid), (acts, logits)
+
     return loss_fn
 
 
@@ -79,7 +88,8 @@ def test_value_grads_and_salience_matches_reference():
     taps = _llama.make_taps(config, *ids.shape)
     loss_fn = _loss_fn(graphdef, rest, config, ids, None)
     loss, grads, sal, _ = jax.jit(_apt.value_grads_and_salience, static_argnums=(0, 3))(
-        loss_fn, lora, taps, structs)
+        loss_fn, lora, taps, structs
+    )
     # Reference: separate passes for the tap gradient and the acts.
     (_, (acts, _)) = jax.jit(loss_fn)(lora, taps)
     tap_grads = jax.jit(jax.grad(lambda t: loss_fn(lora, t)[0]))(taps)
@@ -99,28 +109,44 @@ def test_apt_end_to_end_tiny_llama():
     total0 = _budget.total_prunable_params(structs, full)
     largest_unit = max(s.params_per_unit for s in structs)
     steps = (2, 4)
-    make_tx = lambda st, p: _apt.apt(1e-2, structures=st, shapes_or_params=p,  # noqa: E731
-                                     target_density=0.6, total_steps=6, pruning_steps=steps,
-                                     step_size=0.3, budget_base=total0)
+
+    def make_tx(st, p):
+        return _apt.apt(
+            1e-2,
+            structures=st,
+            shapes_or_params=p,
+            target_density=0.6,
+            total_steps=6,
+            pruning_steps=steps,
+            step_size=0.3,
+            budget_base=total0,
+        )
+
     tx = make_tx(structs, full)
     graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
     opt_state = tx.init(lora)
     for step in range(1, 6):
         unit_masks = optax.tree.get(opt_state, 'masks')
-        masks = _structured.to_model_masks(unit_masks, num_layers=config.num_layers,
-                                           q_per_kv=config.q_per_kv)
+        masks = _structured.to_model_masks(
+            unit_masks, num_layers=config.num_layers, q_per_kv=config.q_per_kv
+        )
         taps = _llama.make_taps(config, *ids.shape)
         loss_fn = _loss_fn(graphdef, rest, config, ids, masks)
         _, grads, sal, _ = jax.jit(_apt.value_grads_and_salience, static_argnums=(0, 3))(
-            loss_fn, lora, taps, structs)
+            loss_fn, lora, taps, structs
+        )
         updates, opt_state = tx.update(grads, opt_state, lora, salience=sal)
         lora = optax.apply_updates(lora, updates)
         if step in steps:
             model = nnx.merge(graphdef, lora, rest)
             hard = optax.tree.get(opt_state, 'masks')
             assert all(set(np.unique(np.asarray(m))) <= {0.0, 1.0} for m in hard.values())
-            masked = model(ids, masks=_structured.to_model_masks(
-                hard, num_layers=config.num_layers, q_per_kv=config.q_per_kv))
+            masked = model(
+                ids,
+                masks=_structured.to_model_masks(
+                    hard, num_layers=config.num_layers, q_per_kv=config.q_per_kv
+                ),
+            )
             full = nnx.to_pure_dict(nnx.state(model, nnx.Param))
             config, full, opt_state, _ = _apt.after_pruning_step(config, full, opt_state, structs)
             model = surgery.rebuild_model(model, config, full)

@@ -7,17 +7,16 @@ from jaxprune.schedules import _apt
 
 
 def test_pruning_steps_matches_reference():
-    assert _apt.pruning_steps(100, num_pruning_steps=10, end_fraction=0.7) == tuple(
-        range(7, 71, 7)
-    )
+    assert _apt.pruning_steps(100, num_pruning_steps=10, end_fraction=0.7) == tuple(range(7, 71, 7))
     assert _apt.pruning_steps(50, num_pruning_steps=2, start_fraction=0.2, end_fraction=0.6) == (
         20,
         30,
     )
 
 
-@pytest.mark.parametrize('kwargs', [dict(num_pruning_steps=0), dict(end_fraction=0.0),
-                                    dict(num_pruning_steps=90)])
+@pytest.mark.parametrize(
+    'kwargs', [dict(num_pruning_steps=0), dict(end_fraction=0.0), dict(num_pruning_steps=90)]
+)
 def test_pruning_steps_rejects_bad_windows(kwargs):
     with pytest.raises(ValueError):
         _apt.pruning_steps(100, **kwargs)
@@ -43,14 +42,15 @@ def test_stepwise_density_is_monotone_and_hits_target():
         # At a pruning step the target is the cubic value there (float32: rtol 1e-6).
         np.testing.assert_allclose(values[s], cubic(s), rtol=1e-6)
         np.testing.assert_allclose(values[s - 1], cubic(s), rtol=1e-6)
-    np.testing.assert_allclose(values[steps[-1]:], 0.7, rtol=1e-6)
+    np.testing.assert_allclose(values[steps[-1] :], 0.7, rtol=1e-6)
     assert values[0] < 1.0  # the first interval already moves towards the first budget
 
 
 def test_tuning_growth_and_distill_weight():
     steps = (10, 20, 30)
     grow = _apt.tuning_growth(8.0, steps)
-    np.testing.assert_allclose([grow(0), grow(10), grow(20), grow(30), grow(99)],
-                               [8, 8, 20, 32, 32], rtol=1e-6)
+    np.testing.assert_allclose(
+        [grow(0), grow(10), grow(20), grow(30), grow(99)], [8, 8, 20, 32, 32], rtol=1e-6
+    )
     mu = _apt.distill_weight(steps)
     np.testing.assert_allclose([mu(0), mu(15), mu(30), mu(99)], [0, 0.5, 1, 1], rtol=1e-6)

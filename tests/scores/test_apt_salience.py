@@ -150,7 +150,9 @@ def test_apt_salience_adds_outlier_and_density_divides():
     base = _apt.apt_salience(acts, grads, _structures())
     dens = _apt.salience_density(base, _structures())
     for s in _structures():
-        np.testing.assert_allclose(dens[(s.kind, s.layer)], base[(s.kind, s.layer)] / s.params_per_unit)
+        np.testing.assert_allclose(
+            dens[(s.kind, s.layer)], base[(s.kind, s.layer)] / s.params_per_unit
+        )
 
 
 def test_salience_zero_for_masked_units_tiny_llama():
@@ -167,8 +169,7 @@ def test_salience_zero_for_masked_units_tiny_llama():
     unit[('heads', 0)] = unit[('heads', 0)].at[1].set(0.0)
     unit[('mlp', 1)] = unit[('mlp', 1)].at[jnp.array([0, 5, 7])].set(0.0)
     unit[('hidden', None)] = unit[('hidden', None)].at[3].set(0.0)
-    masks = _structured.to_model_masks(unit, num_layers=config.num_layers,
-                                       q_per_kv=config.q_per_kv)
+    masks = _structured.to_model_masks(unit, num_layers=config.num_layers, q_per_kv=config.q_per_kv)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 6)))
     taps = _llama.make_taps(config, *ids.shape)
 
@@ -177,6 +178,7 @@ def test_salience_zero_for_masked_units_tiny_llama():
         def loss(taps):
             logits, acts = model(ids, masks=masks, taps=taps)
             return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]), acts
+
         (_, acts), grads = jax.value_and_grad(loss, has_aux=True)(taps)
         return acts, grads
 

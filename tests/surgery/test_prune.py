@@ -32,10 +32,14 @@ class Structure:
 
 
 def _toy():
-    params = {'layers': {0: {'w': jnp.arange(24.0).reshape(4, 6), 'b': jnp.arange(6.0)}},
-              'emb': jnp.arange(12.0).reshape(3, 4)}
+    params = {
+        'layers': {0: {'w': jnp.arange(24.0).reshape(4, 6), 'b': jnp.arange(6.0)}},
+        'emb': jnp.arange(12.0).reshape(3, 4),
+    }
     structs = (
-        Structure('heads', 0, 3, 0, (Slice(('layers', 0, 'w'), 1, 2), Slice(('layers', 0, 'b'), 0, 2))),
+        Structure(
+            'heads', 0, 3, 0, (Slice(('layers', 0, 'w'), 1, 2), Slice(('layers', 0, 'b'), 0, 2))
+        ),
         Structure('hidden', None, 4, 0, (Slice(('layers', 0, 'w'), 0, 1), Slice(('emb',), 1, 1))),
     )
     return params, structs
@@ -90,21 +94,32 @@ def test_prune_units_on_mask_state():
 LORA = _spec.LoraSpec(rank=2, targets=r'.*\.(q_proj|v_proj|o_proj|down_proj|query|out|up)')
 CONFIGS = [
     pytest.param(_llama.LlamaConfig.tiny(), id='llama-gqa'),
-    pytest.param(_llama.LlamaConfig.tiny(num_kv_heads=4, attention_bias=True, mlp_bias=True),
-                 id='llama-mha-bias', marks=pytest.mark.slow),
+    pytest.param(
+        _llama.LlamaConfig.tiny(num_kv_heads=4, attention_bias=True, mlp_bias=True),
+        id='llama-mha-bias',
+        marks=pytest.mark.slow,
+    ),
     pytest.param(_bert.BertConfig.tiny(), id='bert'),
 ]
 
 
 def _model(config, seed=0):
-    cls = _llama.Llama if isinstance(config, _llama.LlamaConfig) else (
-        _bert.BertForSequenceClassification)
+    cls = (
+        _llama.Llama
+        if isinstance(config, _llama.LlamaConfig)
+        else (_bert.BertForSequenceClassification)
+    )
     model = cls(config, lora=LORA, rngs=nnx.Rngs(seed))
     params = nnx.state(model, nnx.Param)
     # Non-zero LoRA B and biases so that every slice matters.
     params = jax.tree_util.tree_map_with_path(
-        lambda p, x: x + 0.05 * (1 + jnp.arange(x.size).reshape(x.shape) % 3)
-        if getattr(p[-1], 'key', None) in ('lora_b', 'bias') else x, params)
+        lambda p, x: (
+            x + 0.05 * (1 + jnp.arange(x.size).reshape(x.shape) % 3)
+            if getattr(p[-1], 'key', None) in ('lora_b', 'bias')
+            else x
+        ),
+        params,
+    )
     nnx.update(model, params)
     return model
 
@@ -130,7 +145,9 @@ def test_pruned_logits_equal_masked_logits(config, empty):
     keep = _random_keep(structs, 0, empty)
     masks = _structured.to_model_masks(
         {k: jnp.asarray(v, jnp.float32) for k, v in keep.items()},
-        num_layers=config.num_layers, q_per_kv=config.q_per_kv)
+        num_layers=config.num_layers,
+        q_per_kv=config.q_per_kv,
+    )
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 100, (2, 7)))
     masked = model(ids, masks=masks)
     small, new_config = surgery.prune_model(model, keep)

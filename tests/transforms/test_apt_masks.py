@@ -39,21 +39,35 @@ def toy(layers=2, groups=2, qpk=2, hd=2, ffn=3, d=4):
         params[f'o{ly}'] = jnp.zeros((h, d))
         params[f'up{ly}'] = jnp.zeros((d, ffn))
         params[f'down{ly}'] = jnp.zeros((ffn, d))
-        hidden += [Slice((f'q{ly}',), 0, 1), Slice((f'o{ly}',), 1, 1),
-                   Slice((f'up{ly}',), 0, 1), Slice((f'down{ly}',), 1, 1)]
-        structs.append(Structure('heads', ly, groups, 2 * d * qpk * hd,
-                                 (Slice((f'q{ly}',), 1, qpk * hd), Slice((f'o{ly}',), 0, qpk * hd))))
-        structs.append(Structure('mlp', ly, ffn, 2 * d,
-                                 (Slice((f'up{ly}',), 1, 1), Slice((f'down{ly}',), 0, 1))))
-    structs.append(Structure('hidden', None, d, 5 + layers * (2 * groups * qpk * hd + 2 * ffn),
-                             tuple(hidden)))
+        hidden += [
+            Slice((f'q{ly}',), 0, 1),
+            Slice((f'o{ly}',), 1, 1),
+            Slice((f'up{ly}',), 0, 1),
+            Slice((f'down{ly}',), 1, 1),
+        ]
+        structs.append(
+            Structure(
+                'heads',
+                ly,
+                groups,
+                2 * d * qpk * hd,
+                (Slice((f'q{ly}',), 1, qpk * hd), Slice((f'o{ly}',), 0, qpk * hd)),
+            )
+        )
+        structs.append(
+            Structure(
+                'mlp', ly, ffn, 2 * d, (Slice((f'up{ly}',), 1, 1), Slice((f'down{ly}',), 0, 1))
+            )
+        )
+    structs.append(
+        Structure('hidden', None, d, 5 + layers * (2 * groups * qpk * hd + 2 * ffn), tuple(hidden))
+    )
     return tuple(structs), params
 
 
 def _salience(structs, seed):
     rng = np.random.default_rng(seed)
-    return {(s.kind, s.layer): jnp.asarray(rng.random(s.size) + 0.01, jnp.float32)
-            for s in structs}
+    return {(s.kind, s.layer): jnp.asarray(rng.random(s.size) + 0.01, jnp.float32) for s in structs}
 
 
 def reference(structs, params, saliences, density_fn, steps, beta=0.85, eta=0.01):
@@ -65,9 +79,16 @@ def reference(structs, params, saliences, density_fn, steps, beta=0.85, eta=0.01
     for t, sal in enumerate(saliences, start=1):
         sal = {k: np.asarray(v, np.float64) for k, v in sal.items()}
         ema = sal if ema is None else {k: beta * ema[k] + (1 - beta) * sal[k] for k in keys}
-        dens = {k: jnp.asarray(ema[k] / s.params_per_unit, jnp.float32) for k, s in zip(keys, structs)}
-        target = _budget.budget_keep(dens, structs, params, density_fn(t),
-                                     eligible={k: jnp.asarray(v) for k, v in alive.items()})
+        dens = {
+            k: jnp.asarray(ema[k] / s.params_per_unit, jnp.float32) for k, s in zip(keys, structs)
+        }
+        target = _budget.budget_keep(
+            dens,
+            structs,
+            params,
+            density_fn(t),
+            eligible={k: jnp.asarray(v) for k, v in alive.items()},
+        )
         for k in keys:
             keep = np.asarray(target[k]) & alive[k]
             if t in steps:
@@ -83,8 +104,9 @@ def test_apt_masks_matches_reference(use_jit):
     structs, params = toy()
     steps = (3, 6)
     density = schedules.stepwise_density(0.5, steps)
-    tx = _apt_masks.apt_masks(structs, params, density_schedule=density, pruning_steps=steps,
-                              step_size=0.2)
+    tx = _apt_masks.apt_masks(
+        structs, params, density_schedule=density, pruning_steps=steps, step_size=0.2
+    )
     state = tx.init(params)
     update = jax.jit(tx.update) if use_jit else tx.update
     sals = [_salience(structs, i) for i in range(8)]
@@ -116,16 +138,18 @@ def test_apt_masks_hard_at_pruning_step_and_fits_budget():
 
 def test_apt_masks_never_revive():
     structs, params = toy()
-    tx = _apt_masks.apt_masks(structs, params, density_schedule=0.4, pruning_steps=(1,),
-                              step_size=0.5)
+    tx = _apt_masks.apt_masks(
+        structs, params, density_schedule=0.4, pruning_steps=(1,), step_size=0.5
+    )
     state = tx.init(params)
     _, state = tx.update(params, state, params, salience=_salience(structs, 0))
     dead = {k: ~np.asarray(a) for k, a in state.alive.items()}
     assert sum(d.sum() for d in dead.values()) > 0
     # Dead units become by far the most salient, and the budget loosens to 1: still 0.
     boosted = {k: jnp.where(dead[k], 1e6, 1e-3) for k in dead}
-    tx = _apt_masks.apt_masks(structs, params, density_schedule=1.0, pruning_steps=(5,),
-                              step_size=0.5)
+    tx = _apt_masks.apt_masks(
+        structs, params, density_schedule=1.0, pruning_steps=(5,), step_size=0.5
+    )
     for _ in range(5):
         _, state = tx.update(params, state, params, salience=boosted)
         for k in dead:
@@ -167,14 +191,17 @@ def test_apt_masks_inject_hyperparams_and_multisteps():
     structs, params = toy()
     steps = (2,)
     tx = optax.inject_hyperparams(_apt_masks.apt_masks, static_args=('pruning_steps',))(
-        structs, params, density_schedule=0.5, pruning_steps=steps, step_size=0.1)
+        structs, params, density_schedule=0.5, pruning_steps=steps, step_size=0.1
+    )
     state = tx.init(params)
     _, state = jax.jit(lambda s, sal: tx.update(params, s, params, salience=sal))(
-        state, _salience(structs, 0))
+        state, _salience(structs, 0)
+    )
     assert float(state.hyperparams['step_size']) == pytest.approx(0.1)
     assert optax.tree.get(state, 'masks') is not None
     multi = optax.MultiSteps(
-        _apt_masks.apt_masks(structs, params, density_schedule=0.5, pruning_steps=steps), 2)
+        _apt_masks.apt_masks(structs, params, density_schedule=0.5, pruning_steps=steps), 2
+    )
     mstate = multi.init(params)
     for i in range(4):
         _, mstate = multi.update(params, mstate, params, salience=_salience(structs, i))
@@ -197,8 +224,11 @@ def test_apt_masks_sharding_stable():
 def test_to_model_masks_layout():
     from jaxprune.masks import _structured
 
-    unit = {('heads', 0): jnp.array([1.0, 0.0]), ('mlp', 1): jnp.array([0.0, 1.0, 1.0]),
-            ('hidden', None): jnp.array([1.0, 0.5])}
+    unit = {
+        ('heads', 0): jnp.array([1.0, 0.0]),
+        ('mlp', 1): jnp.array([0.0, 1.0, 1.0]),
+        ('hidden', None): jnp.array([1.0, 0.5]),
+    }
     lora = {('layers', 1, 'attn', 'q_proj'): jnp.array([1.0, 0.0])}
     got = _structured.to_model_masks(unit, num_layers=2, q_per_kv=2, lora_masks=lora)
     np.testing.assert_array_equal(got['layers'][0]['heads'], [1, 1, 0, 0])
