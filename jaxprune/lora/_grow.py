@@ -248,3 +248,33 @@ def resize_model_ranks(
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     params, masks = resize_ranks(params, rank_masks, bucket, key=key, rescale=False)
     return _prune.rebuild_model(model, model.config, params), masks
+
+
+def resize_ranks_like(tree: Any, rank_masks: Mapping[Path, jax.Array], bucket: int) -> Any:
+    """Resize every adapter-shaped leaf of ``tree`` (e.g. Adam ``mu``/``nu``) like
+    :func:`resize_ranks`: active components move to the front, new slots are zero.
+
+    A leaf is matched when a contiguous part of its key path equals ``module_path + ('lora_a',)``
+    or ``module_path + ('lora_b',)``; other leaves (counts, kernels) are returned unchanged.
+    """
+    plan = {}
+    for path, mask in rank_masks.items():
+        active = np.flatnonzero(np.asarray(mask) > 0)
+        if active.size > bucket:
+            raise ValueError(f'adapter {path} has {active.size} active ranks > {bucket=}')
+        plan[tuple(path) + ('lora_a',)] = (active, 1)
+        plan[tuple(path) + ('lora_b',)] = (active, 0)
+
+    def fn(path, x):
+        names = tuple(_key_name(k) for k in path)
+        for start in range(len(names)):
+            for end in range(len(names), start, -1):
+                if names[start:end] in plan:
+                    active, axis = plan[names[start:end]]
+                    kept = jnp.take(x, jnp.asarray(active), axis=axis)
+                    pad = [(0, 0)] * x.ndim
+                    pad[axis] = (0, bucket - active.size)
+                    return jnp.pad(kept, pad)
+        return x
+
+    return jax.tree_util.tree_map_with_path(fn, tree)

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -136,3 +137,22 @@ def test_resize_ranks_rescale_keeps_scaled_product():
             old['lora_a'][:, :3] @ old['lora_b'][:3] / 8,
             rtol=1e-5,
         )
+
+
+def test_resize_ranks_like_optimizer_state():
+    params = _toy_params(0, r=8)
+    masks = _grow.init_rank_masks(params, 3)
+    masks = {p: m.at[5].set(1.0) for p, m in masks.items()}  # non-prefix active pattern
+    tx = optax.adam(1e-2)
+    state = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)[1]
+    new_params, _ = _grow.resize_ranks(params, masks, 6, key=jax.random.key(0))
+    new_state = _grow.resize_ranks_like(state, masks, 6)
+    assert jax.tree.map(jnp.shape, new_state[0].mu) == jax.tree.map(jnp.shape, new_params)
+    mu_old = np.asarray(state[0].mu['layers'][0]['q']['lora_b'])
+    mu_new = np.asarray(new_state[0].mu['layers'][0]['q']['lora_b'])
+    np.testing.assert_array_equal(mu_new[:4], mu_old[[0, 1, 2, 5]])
+    np.testing.assert_array_equal(mu_new[4:], 0.0)
+    np.testing.assert_array_equal(
+        new_state[0].nu['layers'][1]['q']['kernel'], state[0].nu['layers'][1]['q']['kernel']
+    )
+    tx.update(jax.tree.map(jnp.ones_like, new_params), new_state, new_params)
