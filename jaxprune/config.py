@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import pathlib
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -104,8 +105,6 @@ class LoraCfg:
         if self.enabled:
             _positive('lora.rank', self.rank, 'pass e.g. 8, or lora.enabled=false')
             _positive('lora.alpha', self.alpha, 'pass e.g. 16')
-        import re
-
         try:
             re.compile(self.targets)
         except re.error as e:
@@ -237,7 +236,7 @@ class MeshCfg:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointCfg:
-    """Checkpointing. ``dir`` None means ``<run_dir>/checkpoints``; ``every`` 0 = only at the end."""
+    """Checkpointing: ``dir`` None = ``<run_dir>/checkpoints``; ``every`` 0 = only at the end."""
 
     dir: str | None = None
     every: int = 0
@@ -318,10 +317,9 @@ class RunCfg:
     def __post_init__(self):
         if not self.run_dir:
             raise ValueError("run_dir='' is empty; pass e.g. run_dir=runs/my_run")
-        if self.train.full_finetune and not self.lora.enabled:
-            pass  # full fine-tuning is the default without LoRA; the flag is harmless
-        if self.data.eval_batch_size < 1:
-            raise ValueError(f'data.eval_batch_size={self.data.eval_batch_size} must be >= 1')
+        if self.model.task == 'causal_lm' and self.data.dataset == 'tiny-sentiment':
+            raise ValueError("data.dataset='tiny-sentiment' is a classification set; use "
+                             "data.dataset=tiny-text for model.task=causal_lm")
 
     @property
     def checkpoint_dir(self) -> pathlib.Path:
@@ -440,7 +438,8 @@ def _read_yaml(path: pathlib.Path, seen: tuple[pathlib.Path, ...] = ()) -> dict[
     except yaml.YAMLError as e:
         raise ValueError(f'{path}: invalid YAML: {e}') from e
     if not isinstance(raw, dict):
-        raise ValueError(f'{path}: top level must be a mapping, got {type(raw).__name__}')
+        kind = type(raw).__name__
+        raise ValueError(f'{path}: top level must be a mapping, got {kind}')  # noqa: TRY004
     parents = [raw.pop(k) for k in _BASE_KEYS if k in raw]
     if len(parents) > 1:
         raise ValueError(f'{path}: give only one of {_BASE_KEYS}')

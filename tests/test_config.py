@@ -3,8 +3,8 @@
 import dataclasses
 import pathlib
 
-import optax
 import jax.numpy as jnp
+import optax
 import pytest
 import yaml
 

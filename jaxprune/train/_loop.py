@@ -129,6 +129,10 @@ def _abstract(state):
     return sharding.abstract_like(state)
 
 
+def _rate(n: int, seconds: float) -> float | None:
+    return n / seconds if n else None  # None: the window held only the compile step
+
+
 def _meta(cfg, step: int, data_position: int, skipped: int) -> dict[str, Any]:
     return {'step': step, 'data_position': data_position, 'skipped_nonfinite': skipped,
             'config': cfg.to_dict()}
@@ -203,13 +207,12 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
                 host = jax.device_get(window)
                 dt = max(time.perf_counter() - w_start, 1e-9)
                 loss = float(np.mean([h['loss'] for h in host]))
-                rate = (lambda n: n / dt if n else None)  # None: only the compile step ran
                 rec = log.log(
                     'train', done, loss=loss,
                     accuracy=float(np.mean([h['accuracy'] for h in host])),
                     grad_norm=float(np.mean([h['grad_norm'] for h in host])),
                     lr=float(schedule(done - 1)),
-                    tokens_per_s=rate(w_tokens), examples_per_s=rate(w_examples),
+                    tokens_per_s=_rate(w_tokens, dt), examples_per_s=_rate(w_examples, dt),
                     skipped_nonfinite=int(s.state.skipped))
                 log.advance(done, loss=loss, tokens_per_s=rec['tokens_per_s'])
                 window, w_tokens, w_examples = [], 0, 0

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import checkpoint, config, train
+from jaxprune import checkpoint, cli, config, train
 from jaxprune.train import _data, _method
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -24,7 +24,7 @@ def _events(run_dir, kind):
     return [e for e in train.read_metrics(run_dir) if e['event'] == kind]
 
 
-def test_train_writes_metrics_config_and_checkpoints(tiny):
+def test_train_writes_metrics_config_and_checkpoints(tiny, capsys):
     cfg = tiny('train.steps=6', 'checkpoint.every=3', 'train.log_every=2', 'train.eval_every=3')
     final = train.train(cfg, progress=False)
     run = pathlib.Path(cfg.run_dir)
@@ -39,8 +39,9 @@ def test_train_writes_metrics_config_and_checkpoints(tiny):
     assert [e['step'] for e in evals] == [3, 6]
     assert final == evals[-1] and final['count'] == 100 and 0 <= final['accuracy'] <= 1
     assert checkpoint.Checkpointer(cfg.checkpoint_dir).all_steps() == [3, 6]
-    # evaluate() restores the last checkpoint and reproduces the final eval exactly.
-    again = train.evaluate(cfg)
+    # `jaxprune eval RUN_DIR` restores the last checkpoint and reproduces the final eval exactly.
+    assert cli.main(['eval', str(run)]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again['step'] == 6
     assert again['loss'] == final['loss'] and again['accuracy'] == final['accuracy']
 
@@ -138,3 +139,13 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
     assert got_losses == ref_losses
     lines = (run_dir / 'metrics.jsonl').read_text().splitlines()
     assert all(json.loads(line) for line in lines)  # no torn line from the kill
+
+
+def test_causal_lm_loop_with_lora_reports_perplexity(tiny):
+    cfg = tiny('model.name_or_path=tiny-llama', 'model.task=causal_lm', 'data.dataset=tiny-text',
+               'lora.enabled=true', 'lora.rank=4', 'train.steps=4', 'checkpoint.every=0',
+               'train.log_every=2')
+    final = train.train(cfg, progress=False)
+    assert final['perplexity'] == pytest.approx(np.exp(final['loss']), rel=1e-5)
+    assert final['count'] > 0 and np.isfinite(final['loss'])
+    assert checkpoint.Checkpointer(cfg.checkpoint_dir).all_steps() == [4]  # saved at the end
