@@ -1,28 +1,32 @@
 """Mosaic GPU (Hopper) shuffle-free 2:4 matmul.
 
 JAX 0.10.2 ships two GPU Pallas backends: Triton (deprecated from JAX 0.11) and Mosaic GPU (its
-successor, ``jax.experimental.pallas.mosaic_gpu``). This kernel targets Mosaic GPU.
+successor, ``jax.experimental.pallas.mosaic_gpu``). This kernel targets Mosaic GPU, warpgroup
+lowering semantics (SMEM swizzles and register layouts are inferred).
 
 Hopper exposes no sparse tensor-core MMA through Pallas, so the gain is bandwidth: each K step TMA-
 loads the compressed tiles (two value planes + one meta byte per two groups) into SMEM, decodes the
-eight shuffle-free planes ``D_{p,i}`` in registers (elementwise selects on the nibbles), writes them
-to a swizzled SMEM scratch and issues eight ``wgmma`` of ``[64, bk/8] @ [bk/8, bn]`` against the
-de-interleaved activation planes ``xq[4p + i] = x[:, 8r + 4p + i]`` (p = nibble parity, i = position).
-Values are viewed as ``[2, K/8, 2N]`` (a free reshape of ``[2, K/4, N]``) so the even / odd groups
-of a byte row are two column ranges of the same row and no strided or interleaving access is needed.
-``M`` is padded to the 64-row wgmma tile in the wrapper (the activation is small in decode).
+eight shuffle-free planes ``D_{p,i}`` in registers (elementwise selects on the nibbles), writes each
+to a double-buffered SMEM tile and issues ``wgmma`` ``[64, bk/8] @ [bk/8, bn]`` against the
+de-interleaved activation planes ``xq[4p + i] = x[:, 8r + 4p + i]`` (p = nibble parity, i = position),
+decoding plane ``j + 1`` while the wgmma of plane ``j`` runs. Values are viewed as ``[2, K/8, 2N]``
+(a free reshape of ``[2, K/4, N]``), so the even / odd groups of a meta byte row are two column
+ranges of one row: no strided or interleaving access. ``M`` is padded to the 64-row wgmma tile in
+the wrapper (the activation is small in decode). Grid: one CTA per (64-row, ``bn``-column) output
+tile; K is a 2-stage ``emit_pipeline``. A ragged K tail (``K % block_k``, e.g. 256 of K=11008) is
+added by XLA from the tail slices in f32, the kernel then emitting f32 so the sum is rounded once.
 
 Constraints (``NotImplementedError`` -> callers fall back to the reference): bf16/f16 operands,
-``K % block_k == 0``, ``N % block_n == 0``.
+``K >= block_k``, ``N % block_n == 0``. ``block_k`` must be a multiple of 512 (the decoded
+``[bk/8, bn]`` tile must fill the 64-row WGMMA register layout).
 
-Verification status — be careful with this file:
-  * No GPU was available when it was written. The compiled path (``interpret=False``) has NOT been
-    run; the register layouts of the nibble decode are inferred by Mosaic GPU's warpgroup
-    semantics and may need ``plgpu.layout_cast`` on real hardware. Compiled tests are marked
-    ``@pytest.mark.gpu``.
-  * ``interpret=True`` runs this same kernel under the Mosaic GPU interpreter
-    (``InterpretGPUParams``: simulated SMEM, TMA copies, barriers and wgmma) on CPU and is tested
-    against the reference in tests/kernels/sparse24.
+Verification status (no GPU was available when this was written):
+  * ``interpret=True`` runs this same kernel under the Mosaic GPU interpreter (``InterpretGPUParams``:
+    simulated SMEM, TMA copies, barriers, wgmma) on CPU; tested against the reference.
+  * Cross-platform lowering on CPU (``jit(...).trace(...).lower(lowering_platforms=('cuda',))``)
+    passes Mosaic GPU layout inference and the SMEM budget for every benchmark shape (tested for
+    one). That is not a PTX compile, nor a run: the compiled path has NOT been executed, and its
+    speed is unmeasured. Compiled tests are ``@pytest.mark.gpu``.
 """
 
 from __future__ import annotations
@@ -36,16 +40,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Float
 
 from jaxprune.kernels.sparse24 import format as fmt
-from jaxprune.kernels.sparse24 import pallas_tpu
+from jaxprune.kernels.sparse24 import pallas_tpu, xla
 
 _WGMMA_M = 64
 _STEPS = 2
-
-
-def _transforms(minor: int, dtype) -> tuple:
-    bits = jnp.dtype(dtype).itemsize * 8
-    swizzle = plgpu.find_swizzle(minor * bits)
-    return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
 def sparse24_gpu_kernel(xq_smem, v_smems, meta_smem, d_smem, acc_ref):
@@ -76,12 +74,13 @@ def _validate(x, s: fmt.Sparse24, block_n: int, block_k: int) -> None:
     k, n = s.shape
     if x.ndim != 2 or x.shape[1] != k:
         raise ValueError(f'{x.shape=} must be (M, K={k}) for {s.shape=}')
-    if block_k % 128 or block_n % 64 or block_k <= 0 or block_n <= 0:
-        raise ValueError(f'{block_k=} and {block_n=} must be positive multiples of 128 and 64')
+    if block_k % 512 or block_n % 64 or block_k <= 0 or block_n <= 0:
+        # block_k / 8 meta rows must fill the 64-row WGMMA register layout of the decoded planes
+        raise ValueError(f'{block_k=} and {block_n=} must be positive multiples of 512 and 64')
     if s.values.dtype not in (jnp.bfloat16, jnp.float16) or x.dtype != s.values.dtype:
         raise NotImplementedError(f'{x.dtype=}, {s.values.dtype=}: wgmma path needs bf16/f16')
-    if k % block_k or n % block_n:
-        raise NotImplementedError(f'{s.shape=} must divide into {block_k=} x {block_n=} tiles')
+    if k < block_k or n % block_n:
+        raise NotImplementedError(f'{s.shape=} needs K >= {block_k=} and N % {block_n=} == 0')
 
 
 @functools.partial(jax.jit, static_argnames=('block_m', 'block_n', 'block_k', 'interpret'))
@@ -101,7 +100,7 @@ def sparse24_matmul_gpu(
       s: compressed ``W[K, N]``, same dtype as ``x``.
       block_m: ignored (the wgmma tile is 64 rows; ``M`` is padded to it). Kept for a uniform API.
       block_n: output columns per CTA, a multiple of 64.
-      block_k: contraction rows per pipeline step, a multiple of 64.
+      block_k: contraction rows per pipeline step, a multiple of 512.
       interpret: run under the Mosaic GPU interpreter (CPU).
 
     Returns:
@@ -117,16 +116,21 @@ def sparse24_matmul_gpu(
     n = s.shape[1]
     bm, bn, bk8 = _WGMMA_M, block_n, block_k // 8
     m_pad = -(-m // bm) * bm
-    xq = pallas_tpu.deinterleave8(jnp.pad(x, ((0, m_pad - m), (0, 0))))  # [8, m_pad, K/8]
+    # The kernel covers whole K blocks of the full (unsliced) arrays; a ragged K tail (e.g. 256 of
+    # K=11008) goes through XLA on the small tail slices. TMA would zero-fill an out-of-bounds
+    # last block on hardware, but the interpreter rejects it and it is unverified, so no OOB reads.
+    k_main = k // block_k * block_k
+    # with a tail, the kernel emits f32 so the sum is rounded once (cancellation otherwise shows)
+    o_dtype = x.dtype if k_main == k else jnp.float32
+    # activation only: pad M to the wgmma tile, cut the K tail, de-interleave -> [8, m_pad, k_main/8]
+    xq = pallas_tpu.deinterleave8(jnp.pad(x[:, :k_main], ((0, m_pad - m), (0, 0))))
     v3 = s.values.reshape(2, k // 8, 2 * n)  # free view; odd groups are columns N..2N-1
     dtype = x.dtype
-    x_spec = plgpu.BlockSpec(
-        (8, bm, bk8), lambda kk: (0, 0, kk)
-    )
+    x_spec = plgpu.BlockSpec((8, bm, bk8), lambda kk: (0, 0, kk))
     w_spec = plgpu.BlockSpec((bk8, bn), lambda kk: (kk, 0))
     meta_spec = plgpu.BlockSpec((bk8, bn), lambda kk: (kk, 0))
 
-    def body(xq_gmem, v_gmem, meta_gmem, o_gmem, d_smem, o_smem):
+    def body(xq_gmem, v_gmem, meta_gmem, o_gmem, d_smem):
         mi, ni = jax.lax.axis_index('m'), jax.lax.axis_index('n')
         rows = pl.ds(mi * bm, bm)
         cols = pl.ds(ni * bn, bn)
@@ -142,30 +146,38 @@ def sparse24_matmul_gpu(
 
             plgpu.emit_pipeline(
                 step,
-                grid=(k // block_k,),
+                grid=(k_main // block_k,),
                 in_specs=[x_spec, w_spec, w_spec, w_spec, w_spec, meta_spec],
                 max_concurrent_steps=_STEPS,
             )(xq_gmem.at[:, rows, :], *v_parts, meta_gmem.at[:, cols])
-            o_smem[...] = acc_ref[...].astype(dtype)
+            return acc_ref[...]
+
+        acc = pl.run_scoped(scope, plgpu.ACC((bm, bn), jnp.float32))
+
+        # staged through SMEM allocated after the pipeline's buffers are released
+        def store(o_smem):
+            o_smem[...] = acc.astype(o_dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[rows, cols])
             plgpu.wait_smem_to_gmem(0)
 
-        pl.run_scoped(scope, plgpu.ACC((bm, bn), jnp.float32))
+        pl.run_scoped(store, plgpu.SMEM((bm, bn), o_dtype))
 
     out = plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((m_pad, n), dtype),
+        out_type=jax.ShapeDtypeStruct((m_pad, n), o_dtype),
         grid=(m_pad // bm, n // bn),
         grid_names=('m', 'n'),
-        scratch_types=[
-            plgpu.SMEM((2, bk8, bn), dtype),
-            plgpu.SMEM((bm, bn), dtype),
-        ],
+        scratch_types=[plgpu.SMEM((2, bk8, bn), dtype)],
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=_interpret_params() if interpret else None,
-    )(xq, v3, s.meta)
-    return out[:m]
+    )(xq, v3, s.meta)[:m]
+    if k_main == k:
+        return out
+    f32 = jnp.float32  # bf16 products are exact in f32; round once at the end
+    tail = fmt.Sparse24(s.values[:, k_main // 4 :].astype(f32), s.meta[k_main // 8 :])
+    y_tail = xla.matmul_xla(x[:, k_main:].astype(f32), tail)
+    return (out + y_tail).astype(dtype)
 
 
 def _interpret_params():
