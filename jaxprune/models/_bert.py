@@ -29,6 +29,9 @@ class BertConfig:
 
     ``model_type='roberta'`` offsets position ids by ``pad_token_id + 1`` (padding tokens get
     position ``pad_token_id``). ``layer_heads``/``layer_mlp`` hold per-layer sizes after pruning.
+    ``pooler_size`` is the pooler's output width; ``None`` resolves to ``hidden_size`` at
+    construction, so ``dataclasses.replace(config, hidden_size=n)`` (hidden-dim pruning, which
+    slices only the pooler's input) keeps the original pooler width.
     """
 
     model_type: str = 'bert'
@@ -45,8 +48,11 @@ class BertConfig:
     num_labels: int = 2
     layer_heads: tuple[int, ...] | None = None
     layer_mlp: tuple[int, ...] | None = None
+    pooler_size: int | None = None
 
     def __post_init__(self):
+        if self.pooler_size is None:
+            object.__setattr__(self, 'pooler_size', self.hidden_size)
         for name in ('layer_heads', 'layer_mlp'):
             v = getattr(self, name)
             if v is not None:
@@ -61,6 +67,7 @@ class BertConfig:
             'num_heads',
             'head_dim',
             'num_labels',
+            'pooler_size',
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f'{name}={getattr(self, name)} must be >= 1')
@@ -157,6 +164,11 @@ class BertConfig:
             raise ValueError(
                 f'per-layer sizes ({self.layer_heads=}, {self.layer_mlp=}) cannot be written as a '
                 'Hugging Face config; export a uniform model or keep the jaxprune checkpoint'
+            )
+        if self.pooler_size != self.hidden_size:
+            raise ValueError(
+                f'{self.pooler_size=} != {self.hidden_size=}: Hugging Face BERT has a square '
+                'pooler; keep the jaxprune checkpoint for hidden-pruned encoders'
             )
         if self.num_heads * self.head_dim != self.hidden_size:
             raise ValueError(
@@ -343,14 +355,14 @@ class BertForSequenceClassification(nnx.Module):
         # The pooler's output axis is not the residual stream: hidden pruning slices its input only.
         self.pooler = _layers.Linear(
             d,
-            d,
+            config.pooler_size,
             use_bias=True,
             axes=(jpt.EMBED, None),
             **lora_spec.lora_kwargs(lora, 'pooler'),
             **kw,
         )
         self.classifier = _layers.Linear(
-            d,
+            config.pooler_size,
             config.num_labels,
             use_bias=True,
             axes=(None, jpt.LABELS),

@@ -1,5 +1,6 @@
 """HF folder I/O without torch: errors, sharded index, bf16, LoRA merge on export, GGUF dispatch."""
 
+import dataclasses
 import json
 
 import jax
@@ -119,6 +120,10 @@ def test_save_nonuniform_raises(tmp_path):
     model = _llama.Llama(cfg, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match='per-layer sizes'):
         _hf.save_pretrained(model, cfg, tmp_path / 'out')
+    pruned = dataclasses.replace(_bert.BertConfig.tiny(), hidden_size=30)
+    assert pruned.pooler_size == 32
+    with pytest.raises(ValueError, match='pooler_size'):
+        pruned.to_hf()
     bcfg = _bert.BertConfig.tiny(hidden_size=24)
     with pytest.raises(ValueError, match='head_dim'):
         _hf.save_pretrained(

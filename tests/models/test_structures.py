@@ -125,9 +125,12 @@ def test_pruned_logits_equal_masked_logits(config, kind):
     small = _model(new_cfg, LORA)
     flat = _slice(params, struct, keep)
     state = nnx.to_pure_dict(nnx.state(small, nnx.Param))
+    shapes = jax.tree.map(jnp.shape, state)
     state = jax.tree_util.tree_map_with_path(
         lambda p, _: jnp.asarray(flat[tuple(getattr(k, 'key', k) for k in p)]), state
     )
+    assert jax.tree.map(jnp.shape, state) == shapes  # the pruned config describes the slices
+    assert _structures.param_count(new_cfg, lora=LORA) == sum(x.size for x in flat.values())
     nnx.update(small, state)
     np.testing.assert_allclose(small(ids), masked, atol=1e-5, rtol=0)
 
