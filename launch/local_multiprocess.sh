@@ -37,6 +37,7 @@ devices=4
 port=''
 log_dir=''
 exec_mode=0
+if [[ "${1:-}" == '--help' ]]; then usage; exit 0; fi
 while getopts ':n:d:p:l:eh' opt; do
   case "${opt}" in
     n) procs="${OPTARG}" ;;
@@ -50,7 +51,6 @@ while getopts ':n:d:p:l:eh' opt; do
   esac
 done
 shift $((OPTIND - 1))
-if [[ "${1:-}" == '--help' ]]; then usage; exit 0; fi
 if [[ $# -lt 1 ]]; then
   echo 'error: pass a CONFIG (or -e COMMAND)' >&2
   usage >&2
