@@ -92,6 +92,12 @@ def test_sharded_index_and_bf16(llama_dir):
     np.testing.assert_array_equal(loaded(IDS), model(IDS))
     loaded16, _ = _hf.load_pretrained(folder, dtype=jnp.bfloat16)
     assert loaded16.layers[0].attn.q_proj.kernel[...].dtype == jnp.bfloat16
+    logits16 = loaded16(IDS)
+    assert logits16.dtype == jnp.bfloat16
+    # bf16 keeps 8 mantissa bits (~0.4 %); allow 3 % of the logit scale after two layers.
+    ref = model(IDS)
+    err = jnp.max(jnp.abs(logits16.astype(jnp.float32) - ref))
+    assert err <= 0.03 * jnp.max(jnp.abs(ref)), (err, jnp.max(jnp.abs(ref)))
 
 
 def test_bf16_safetensors_are_decoded(tmp_path):
