@@ -11,6 +11,14 @@ which is exact including interactions (a head's parameter count shrinks with the
 biases and norms scale with the one axis they have). ``N`` is monotone in every ``k_i``, hence in
 the length of a prefix of the global density ranking, so a binary search over the prefix length
 finds the largest prefix within budget. Everything runs inside ``jit`` with static shapes.
+
+LoRA factors (paths ending in ``lora_a``/``lora_b``) are tuning parameters, not backbone: they
+are left out of the count unless ``count_lora=True`` (APT constrains the backbone size; the
+tuning budget has its own schedule). Surgery still slices them.
+
+LoRA factors (paths ending in ``lora_a``/``lora_b``) are tuning parameters, not backbone: they
+are left out of the count unless ``count_lora=True`` (APT constrains the backbone size; the
+tuning budget has its own schedule). Surgery still slices them.
 """
 
 from collections.abc import Mapping, Sequence
@@ -45,7 +53,10 @@ class _CountPlan:
     """Static (python) description of the exact kept-parameter count."""
 
     def __init__(
-        self, structures: Sequence[Any], shapes: Mapping[tuple[Any, ...], tuple[int, ...]]
+        self,
+        structures: Sequence[Any],
+        shapes: Mapping[tuple[Any, ...], tuple[int, ...]],
+        count_lora: bool = False,
     ):
         self.keys = [apt_scores.structure_key(s) for s in structures]
         self.sizes = [int(s.size) for s in structures]
@@ -53,6 +64,8 @@ class _CountPlan:
         for index, s in enumerate(structures):
             for slc in s.slices:
                 path = tuple(slc.path)
+                if not count_lora and path[-1] in ('lora_a', 'lora_b'):
+                    continue
                 if path not in shapes:
                     raise ValueError(
                         f'structure {self.keys[index]} slices {path=} which is not in the params; '
@@ -93,13 +106,19 @@ class _CountPlan:
         return total
 
 
-def total_prunable_params(structures: Sequence[Any], shapes_or_params: Any) -> int:
+def total_prunable_params(
+    structures: Sequence[Any], shapes_or_params: Any, *, count_lora: bool = False
+) -> int:
     """Number of parameters in tensors that some structure slices (the budget's 100 %)."""
-    return _CountPlan(structures, _as_shapes(shapes_or_params)).total
+    return _CountPlan(structures, _as_shapes(shapes_or_params), count_lora).total
 
 
 def kept_param_count(
-    keep: Mapping[Key, jax.Array], structures: Sequence[Any], shapes_or_params: Any
+    keep: Mapping[Key, jax.Array],
+    structures: Sequence[Any],
+    shapes_or_params: Any,
+    *,
+    count_lora: bool = False,
 ) -> jax.Array:
     """Exact number of prunable parameters left after keeping the units where ``keep`` is true.
 
@@ -108,11 +127,12 @@ def kept_param_count(
       structures: the model's structures.
       shapes_or_params: the params pytree (arrays or ``ShapeDtypeStruct``) or
         :func:`param_shapes` output.
+      count_lora: also count LoRA factors (module docstring).
 
     Returns:
       Scalar count (int32, or float32 for models with more than ``2**31`` prunable params).
     """
-    plan = _CountPlan(structures, _as_shapes(shapes_or_params))
+    plan = _CountPlan(structures, _as_shapes(shapes_or_params), count_lora)
     kept = jnp.stack(
         [
             jnp.sum(keep[k]).astype(jnp.int32) if k in keep else jnp.asarray(size, jnp.int32)
@@ -138,6 +158,7 @@ def budget_keep(
     *,
     eligible: Mapping[Key, jax.Array] | None = None,
     budget_base: int | None = None,
+    count_lora: bool = False,
 ) -> dict[Key, jax.Array]:
     r"""Keep the largest prefix of the global density ranking that fits the parameter budget.
 
@@ -160,6 +181,7 @@ def budget_keep(
       budget_base: parameter count that ``density`` refers to; default the prunable count of
         these structures. After surgery pass the *original* model's count so that the schedule
         keeps meaning "fraction of the original model".
+      count_lora: also count LoRA factors (module docstring).
 
     Returns:
       ``{(kind, layer): bool[size]}`` keep vectors.
@@ -168,7 +190,7 @@ def budget_keep(
       Zhao et al., ICML 2024, Sec. 4.2 "Adaptive pruning": global ranking by salience density
       and a binary search for the mask that meets the parameter constraint.
     """
-    plan = _CountPlan(structures, _as_shapes(shapes_or_params))
+    plan = _CountPlan(structures, _as_shapes(shapes_or_params), count_lora)
     flat = jnp.concatenate([density_scores[k].astype(jnp.float32).ravel() for k in plan.keys])
     flat = jnp.where(jnp.isnan(flat), -jnp.inf, flat)
     if eligible is not None:

@@ -180,3 +180,18 @@ def test_param_shapes_reads_nested_pytrees():
     leaf = jax.ShapeDtypeStruct((4,), jnp.float32)
     params = {'a': {'b': jnp.zeros((2, 3))}, 'layers': {0: {'w': leaf}}}
     assert _budget.param_shapes(params) == {('a', 'b'): (2, 3), ('layers', 0, 'w'): (4,)}
+
+
+def test_lora_factors_not_counted_by_default():
+    structs, shapes = toy()
+    shapes = dict(shapes)
+    shapes[('layers', 0, 'q', 'lora_a')] = (4, 2)
+    extra = Slice(('layers', 0, 'q', 'lora_a'), 0, 1)
+    structs = structs[:-1] + (
+        dataclasses.replace(structs[-1], slices=structs[-1].slices + (extra,)),
+    )
+    base = _budget.total_prunable_params(structs, shapes)
+    assert _budget.total_prunable_params(structs, shapes, count_lora=True) == base + 8
+    keep = {('hidden', None): jnp.array([True, False, True, False])}
+    with_lora = _budget.kept_param_count(keep, structs, shapes, count_lora=True)
+    assert int(with_lora) == int(_budget.kept_param_count(keep, structs, shapes)) + 4

@@ -157,8 +157,9 @@ def test_pruned_logits_equal_masked_logits(config, empty):
     if not empty:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         total = sum(x.size for x in jax.tree.leaves(params))
-        prunable = _budget.total_prunable_params(structs, params)
-        predicted = total - prunable + int(_budget.kept_param_count(keep, structs, params))
+        prunable = _budget.total_prunable_params(structs, params, count_lora=True)
+        kept = _budget.kept_param_count(keep, structs, params, count_lora=True)
+        predicted = total - prunable + int(kept)
         got = sum(x.size for x in jax.tree.leaves(nnx.state(small, nnx.Param)))
         assert got == predicted
         if isinstance(config, _llama.LlamaConfig):
