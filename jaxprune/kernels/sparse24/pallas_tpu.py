@@ -1,20 +1,24 @@
 """Pallas TPU-style 2:4 matmul (shuffle-free), plus an identically blocked dense kernel.
 
-Blocking: grid ``(cdiv(M, bm), cdiv(N, bn), cdiv(K, bk))``, K innermost ('arbitrary'), f32
+Blocking: grid ``(cdiv(M, bm), N / bn, cdiv(K, bk))``, K innermost ('arbitrary'), f32
 accumulator in VMEM scratch. Each K block of ``bk`` rows is ``bk/8`` meta bytes, i.e. ``bk/8``
 *even* groups (low nibbles) and ``bk/8`` *odd* groups (high nibbles). Rather than interleaving the
 two nibble rows in-kernel (a sublane shuffle), the wrapper views ``values[2, K/4, N]`` as
-``[2, K/8, 2, N]`` (free reshape) and reads the even / odd groups through two BlockSpecs with the
-parity axis squeezed; the activation is de-interleaved once into eight planes
-``xq[4p + i] = x[:, 8r + 4p + i]``. The body is then eight elementwise selects and eight dots of
-``[bm, bk/8] @ [bk/8, bn]``. Ragged M and N use ``pl.cdiv`` grids (out-of-bounds rows/columns of a
-block are never stored); a ragged last K block is masked with ``where`` on both operands, so
-whatever the padded region holds (NaN included) cannot leak into the sum.
+``[2, K/8, 2N]`` (free reshape: even groups are columns ``[0, N)``, odd groups ``[N, 2N)`` of the
+same row) and reads them through two BlockSpecs (column block ``j`` and ``j + N/bn``); the
+activation is de-interleaved once into eight planes ``xq[4p + i] = x[:, 8r + 4p + i]``. The body is
+then eight elementwise selects and eight dots of ``[bm, bk/8] @ [bk/8, bn]``.
 
-Verified here: interpret mode on CPU against the reference (tests/kernels/sparse24). Not verified:
-a compiled Mosaic TPU run (no TPU in this project's sessions). On a real TPU check first: block
-sizes against the VMEM tiling rule ((8|16, 128) for 32|16-bit operands, (32, 128) for the uint8
-meta, so ``block_k >= 256``), and the squeezed parity axis of the values view.
+Ragged shapes: M uses a ``pl.cdiv`` grid (out-of-bounds rows of a block are never stored); a ragged
+last K block is masked with ``where`` on both operands, so whatever the padded region holds (NaN
+included) cannot leak into the sum. N must be tiled exactly (the odd-group offset is ``N/bn``
+blocks), so ``bn`` is the largest divisor of N that is <= ``block_n`` (a multiple of 128 when
+compiled; otherwise ``NotImplementedError`` and the caller falls back).
+
+Verified here: interpret mode on CPU against the reference, and cross-platform lowering for TPU
+(``lower(lowering_platforms=('tpu',))``: Pallas TPU block-shape rules and Mosaic lowering of the
+body) for the benchmark shapes (tests/kernels/sparse24). Not verified: a Mosaic compile by libtpu
+or a run on a TPU (none in this project's sessions); speed unmeasured.
 """
 
 from __future__ import annotations
@@ -84,6 +88,15 @@ def sparse24_kernel(xq_ref, ve_ref, vo_ref, meta_ref, o_ref, acc_ref, *, rows8: 
         o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
 
+def _block_n(n: int, block_n: int, interpret: bool) -> int:
+    """Largest divisor of N that is <= block_n (a multiple of 128 unless interpreting)."""
+    step = 1 if interpret else 128
+    for b in range(min(block_n, n) // step * step, 0, -step):
+        if n % b == 0:
+            return b
+    raise NotImplementedError(f'N={n} has no divisor <= {block_n=} that is a multiple of {step}')
+
+
 def deinterleave8(x: Float[Array, 'M K']) -> Float[Array, '8 M R']:
     """``xq[4p + i] = x[:, 8r + 4p + i]`` (activation only; the weight is never reordered)."""
     m, k = x.shape
@@ -108,7 +121,7 @@ def sparse24_matmul_tpu(
     *,
     block_m: int | None = None,
     block_n: int = 512,
-    block_k: int = 512,
+    block_k: int = 1024,
     interpret: bool = False,
 ) -> Float[Array, 'M N']:
     """Pallas TPU shuffle-free 2:4 matmul ``x @ decompress(s)``.
@@ -117,7 +130,7 @@ def sparse24_matmul_tpu(
       x: ``[M, K]`` activations.
       s: compressed ``W[K, N]`` with ``K % 8 == 0``.
       block_m: rows per block (default ``min(round_up(M, 8 or 16 by dtype), 256)``).
-      block_n: output columns per block (clipped to ``N``).
+      block_n: output columns per block; the largest divisor of ``N`` not above it is used.
       block_k: contraction rows per block, a multiple of 8 (clipped to ``K``).
       interpret: run the Pallas interpreter (CPU).
 
@@ -126,21 +139,23 @@ def sparse24_matmul_tpu(
 
     Raises:
       ValueError: shape mismatch or bad block sizes.
-      NotImplementedError: ``K % 8 != 0`` (callers fall back to the reference).
+      NotImplementedError: ``K % 8 != 0``, or (compiled) no multiple-of-128 divisor of N
+        ``<= block_n`` (callers fall back to the reference).
     """
     _validate(x, s, block_n, block_k, block_m)
     m, k = x.shape
     n = s.shape[1]
     out_dtype = jnp.result_type(x.dtype, s.values.dtype)
     bm = _block_m(m, block_m, x.dtype)
-    bn = min(block_n, n)
+    bn = _block_n(n, block_n, interpret)
     bk8 = min(block_k, k) // 8
     rows8 = k // 8
     xq = deinterleave8(x)
-    v4 = s.values.reshape(2, rows8, 2, n)  # free view: [plane, byte row, parity, N]
-    grid = (pl.cdiv(m, bm), pl.cdiv(n, bn), pl.cdiv(rows8, bk8))
+    v3 = s.values.reshape(2, rows8, 2 * n)  # free view: odd groups are columns N..2N-1
+    n_blocks = n // bn
+    grid = (pl.cdiv(m, bm), n_blocks, pl.cdiv(rows8, bk8))
     parity_spec = lambda p: pl.BlockSpec(
-        (2, bk8, pl.Squeezed(), bn), lambda i, j, kk: (0, kk, p, j)
+        (2, bk8, bn), lambda i, j, kk: (0, kk, j + p * n_blocks)
     )
     return pl.pallas_call(
         functools.partial(sparse24_kernel, rows8=rows8, bk8=bk8),
@@ -158,7 +173,7 @@ def sparse24_matmul_tpu(
             dimension_semantics=('parallel', 'parallel', 'arbitrary')
         ),
         interpret=interpret,
-    )(xq, v4, v4, s.meta)
+    )(xq, v3, v3, s.meta)
 
 
 def dense_kernel(x_ref, w_ref, o_ref, acc_ref, *, rows: int, bk: int):
@@ -187,7 +202,7 @@ def dense_matmul_tpu(
     *,
     block_m: int | None = None,
     block_n: int = 512,
-    block_k: int = 512,
+    block_k: int = 1024,
     interpret: bool = False,
 ) -> Float[Array, 'M N']:
     """Identically blocked dense Pallas matmul ``x @ w`` (the benchmark baseline).
