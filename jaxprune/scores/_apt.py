@@ -120,7 +120,7 @@ def outlier_scores(
     acts: Sequence[Mapping[str, jax.Array]],
     structures: Sequence[Any],
     *,
-    consumers: Sequence[str] = ('o_proj', 'down_proj'),
+    consumers: Sequence[str] = ('o_proj', 'down_proj', 'out', 'down'),
 ) -> dict[tuple[str, int | None], jax.Array]:
     r"""Outlier term of APT's decoder salience: :math:`\sqrt{\max(\mathrm{Kurt}(O_u), 0)}`.
 
@@ -142,7 +142,8 @@ def outlier_scores(
       params: parameter pytree (pure dict) holding the consumer kernels at the slices' paths.
       acts: per-layer ``{site: f32[C]}`` activations (:func:`salience_from_taps`).
       structures: the model's structures.
-      consumers: module names whose axis-0 slices define the consumer rows.
+      consumers: module names whose axis-0 slices define the consumer rows (Llama ``o_proj`` /
+        ``down_proj``, BERT ``out`` / ``down``).
 
     Returns:
       ``{(kind, layer): f32[size]}`` outlier bonus for every structure (zeros where undefined).
