@@ -21,8 +21,8 @@ TIMEOUT_S = 120
 
 
 def _run(args, *, env=None, timeout=TIMEOUT_S, cwd=None):
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(args, check=False, capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd, env={**os.environ, **(env or {})})
 
 
 def _shellcheck() -> str | None:

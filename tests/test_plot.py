@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip('matplotlib')
 
-from jaxprune.plot import _plots  # noqa: E402
+from jaxprune.plot import _plots
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 ALL_FILES = ['loss.png', 'eval.png', 'density.png', 'kept_heads.png', 'kept_mlp.png',
