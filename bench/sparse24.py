@@ -8,7 +8,8 @@ Implementations (``--impl``, comma separated):
   xla_sparse     shuffle-free sum_i x[:, i::4] @ D_i from the compressed weight
   reference      decompress + jnp.dot
   pallas_sparse  Pallas 2:4 kernel of the backend (TPU kernel; Mosaic GPU kernel on GPU)
-  pallas_dense   identically blocked dense Pallas kernel (second baseline)
+  pallas_dense   identically blocked dense Pallas kernel of the backend (second baseline; on GPU
+                 its K step is 256 so that two pipeline stages fit in SMEM, see pallas_gpu)
 
 On CPU the Pallas kernels only run in interpret mode, which is not a speed measurement: they are
 reported as n/a and not timed. GB/s counts the bytes the implementation must read (x, weight in
@@ -66,7 +67,8 @@ def _fn(impl: str, backend: str):
         )
         return lambda x, w, s: kernel(x, s)
     if impl == 'pallas_dense':
-        return lambda x, w, s: pallas_tpu.dense_matmul_tpu(x, w)
+        kernel = pallas_gpu.dense_matmul_gpu if backend == 'gpu' else pallas_tpu.dense_matmul_tpu
+        return lambda x, w, s: kernel(x, w)
     raise ValueError(f'{impl=} must be one of {IMPLS}')
 
 

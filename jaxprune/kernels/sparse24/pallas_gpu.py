@@ -44,6 +44,7 @@ from jaxprune.kernels.sparse24 import pallas_tpu, xla
 
 _WGMMA_M = 64
 _STEPS = 2
+_DENSE_STEPS = 2
 
 
 def sparse24_gpu_kernel(xq_smem, v_smems, meta_smem, d_smem, acc_ref):
@@ -184,3 +185,79 @@ def _interpret_params():
     from jax._src.pallas.mosaic_gpu.interpret import params  # no public alias in JAX 0.10.2
 
     return params.InterpretGPUParams()
+
+
+@functools.partial(jax.jit, static_argnames=('block_n', 'block_k', 'interpret'))
+def dense_matmul_gpu(
+    x: Float[Array, 'M K'],
+    w: Float[Array, 'K N'],
+    *,
+    block_n: int = 64,
+    block_k: int = 256,
+    interpret: bool = False,
+) -> Float[Array, 'M N']:
+    """Identically blocked dense Mosaic GPU matmul ``x @ w`` (the benchmark baseline).
+
+    Same CTA grid (64-row x ``block_n`` output tiles), 2-stage K pipeline and f32 wgmma
+    accumulator as :func:`sparse24_matmul_gpu`, reading the dense ``[block_k, block_n]`` weight
+    tile with one wgmma per step. Deliberate difference: ``block_k`` defaults to 256, not 512: at
+    512 a dense stage is 128 KiB (x + w) and two stages exceed the 227 KiB of Hopper SMEM (checked
+    by lowering), while a 2:4 stage at 512 is 108 KiB. Same verification status as the sparse
+    kernel (interpret + cross-lowering, never run on a GPU).
+
+    Raises:
+      ValueError: shape mismatch or bad block sizes.
+      NotImplementedError: dtype or divisibility not supported.
+    """
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f'{x.shape=} and {w.shape=} must be (M, K) and (K, N)')
+    if block_k % 64 or block_n % 64 or block_k <= 0 or block_n <= 0:
+        raise ValueError(f'{block_k=} and {block_n=} must be positive multiples of 64')
+    if w.dtype not in (jnp.bfloat16, jnp.float16) or x.dtype != w.dtype:
+        raise NotImplementedError(f'{x.dtype=}, {w.dtype=}: wgmma path needs bf16/f16')
+    m, k = x.shape
+    n = w.shape[1]
+    if k % block_k or n % block_n:
+        raise NotImplementedError(f'{w.shape=} must divide into {block_k=} x {block_n=} tiles')
+    bm, bn = _WGMMA_M, block_n
+    m_pad = -(-m // bm) * bm
+    xp = jnp.pad(x, ((0, m_pad - m), (0, 0)))
+
+    def body(x_gmem, w_gmem, o_gmem):
+        mi, ni = jax.lax.axis_index('m'), jax.lax.axis_index('n')
+        rows, cols = pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)
+
+        def scope(acc_ref):
+            def step(_, x_smem, w_smem):
+                plgpu.wgmma(acc_ref, x_smem, w_smem)
+                plgpu.wgmma_wait(0)
+
+            plgpu.emit_pipeline(
+                step,
+                grid=(k // block_k,),
+                in_specs=[
+                    plgpu.BlockSpec((bm, block_k), lambda kk: (0, kk)),
+                    plgpu.BlockSpec((block_k, bn), lambda kk: (kk, 0)),
+                ],
+                max_concurrent_steps=_DENSE_STEPS,
+            )(x_gmem.at[rows, :], w_gmem.at[:, cols])
+            return acc_ref[...]
+
+        acc = pl.run_scoped(scope, plgpu.ACC((bm, bn), jnp.float32))
+
+        def store(o_smem):
+            o_smem[...] = acc.astype(o_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[rows, cols])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(store, plgpu.SMEM((bm, bn), x.dtype))
+
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((m_pad, n), x.dtype),
+        grid=(m_pad // bm, n // bn),
+        grid_names=('m', 'n'),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=_interpret_params() if interpret else None,
+    )(xp, w)[:m]

@@ -154,9 +154,7 @@ def sparse24_matmul_tpu(
     v3 = s.values.reshape(2, rows8, 2 * n)  # free view: odd groups are columns N..2N-1
     n_blocks = n // bn
     grid = (pl.cdiv(m, bm), n_blocks, pl.cdiv(rows8, bk8))
-    parity_spec = lambda p: pl.BlockSpec(
-        (2, bk8, bn), lambda i, j, kk: (0, kk, j + p * n_blocks)
-    )
+    parity_spec = lambda p: pl.BlockSpec((2, bk8, bn), lambda i, j, kk: (0, kk, j + p * n_blocks))
     return pl.pallas_call(
         functools.partial(sparse24_kernel, rows8=rows8, bk8=bk8),
         grid=grid,

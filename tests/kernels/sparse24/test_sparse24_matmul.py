@@ -62,16 +62,26 @@ def test_pallas_gpu_interpret_matches_reference(m, k, n):
     cases.assert_close(y, reference.matmul_reference(x, s), dtype)
 
 
+def test_dense_gpu_interpret_matches_jnp():
+    x = cases.make_x(0, (3,), 512, jnp.bfloat16)
+    w = jnp.asarray(cases.make_24(0, 512, 64, jnp.bfloat16)) + 1
+    y = pallas_gpu.dense_matmul_gpu(x, w, interpret=True)
+    ref = np.asarray(x, np.float32) @ np.asarray(w, np.float32)
+    cases.assert_close(y, ref, jnp.bfloat16)
+
+
 def test_pallas_gpu_lowers_to_mosaic_gpu_for_cuda():
     # Cross-platform lowering on CPU runs Mosaic GPU's layout inference and SMEM budget checks
     # (no PTX compile, no run): catches register-layout and shared-memory errors without a GPU.
     k, n, m = 1024, 128, 16
     s = cases.sparse(0, k, n, jnp.bfloat16)
     x = cases.make_x(0, (m,), k, jnp.bfloat16)
-    lowered = (
-        jax.jit(pallas_gpu.sparse24_matmul_gpu).trace(x, s).lower(lowering_platforms=('cuda',))
-    )
-    assert 'mosaic_gpu' in lowered.as_text()
+    for fn, args in [
+        (pallas_gpu.sparse24_matmul_gpu, (x, s)),
+        (pallas_gpu.dense_matmul_gpu, (x, fmt.decompress(s))),
+    ]:
+        lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',))
+        assert 'mosaic_gpu' in lowered.as_text()
 
 
 @pytest.mark.parametrize('dtype', cases.DTYPES)
