@@ -16,6 +16,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -138,15 +139,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_processes(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-    ckpt_dir, out_dir = tmp_path / 'ckpt', tmp_path / 'out'
-    out_dir.mkdir()
-    _spawn_two(tmp_path, ['child', str(ckpt_dir), str(out_dir)])
-    return ckpt_dir, out_dir
+def _start_two(tmp_path: pathlib.Path, child_args: list[str]):
+    """Starts this file with ``child_args`` as 2 processes; returns ``wait()``.
 
-
-def _spawn_two(tmp_path: pathlib.Path, child_args: list[str]) -> None:
-    """Runs this file with ``child_args`` as 2 processes; fails with their output if one fails."""
+    ``wait()`` polls both until they finish, one fails (the other is killed after a short
+    grace period: it would wait for its dead peer) or CHILD_TIMEOUT_S passes, and then fails the
+    test with every failing process's exit status and output.
+    """
     port = _free_port()
     repo = pathlib.Path(__file__).resolve().parents[1]
     procs = []
@@ -157,29 +156,35 @@ def _spawn_two(tmp_path: pathlib.Path, child_args: list[str]) -> None:
                'JAXPRUNE_PROCESS_ID': str(pid),
                'PYTHONPATH': os.pathsep.join([str(repo), os.environ.get('PYTHONPATH', '')])}
         env.pop('JAXPRUNE_DISTRIBUTED', None)
-        log = (tmp_path / f'proc{pid}.log').open('w')
-        procs.append((subprocess.Popen(
-            [sys.executable, __file__, *child_args],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=repo), log))
-    failed = []
-    for pid, (p, log) in enumerate(procs):
-        try:
-            rc = p.wait(timeout=CHILD_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            rc = 'timeout'
-        if rc != 0:
-            failed.append((pid, rc))
-    for p, log in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        log.close()
-    if failed:
-        report = []
-        for pid, rc in failed:
-            text = (tmp_path / f'proc{pid}.log').read_text()
-            report.append(f'--- process {pid} exited with {rc}; last output:\n{text[-4000:]}')
-        pytest.fail('2-process run failed:\n' + '\n'.join(report), pytrace=False)
+        with (tmp_path / f'proc{pid}.log').open('w') as log:
+            procs.append(subprocess.Popen([sys.executable, __file__, *child_args], env=env,
+                                          stdout=log, stderr=subprocess.STDOUT, cwd=repo))
+    started = time.monotonic()
+
+    def wait() -> None:
+        deadline = started + CHILD_TIMEOUT_S
+        while time.monotonic() < deadline:
+            codes = [p.poll() for p in procs]
+            if all(c is not None for c in codes):
+                break
+            if any(c not in (None, 0) for c in codes):
+                deadline = min(deadline, time.monotonic() + 5)
+            time.sleep(0.2)
+        codes = []
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+                codes.append('killed (timeout or failed peer)')
+            else:
+                codes.append(p.returncode)
+        if any(c != 0 for c in codes):
+            report = [f'--- process {pid} exited with {c}; last output:\n'
+                      f'{(tmp_path / f"proc{pid}.log").read_text()[-4000:]}'
+                      for pid, c in enumerate(codes) if c != 0]
+            pytest.fail('2-process run failed:\n' + '\n'.join(report), pytrace=False)
+
+    return wait
 
 
 # --- tests ------------------------------------------------------------------------------------
@@ -191,7 +196,12 @@ def test_two_processes_match_single_process_and_checkpoint_restores(tmp_path):
 
     from jaxprune import checkpoint, sharding
 
-    ckpt_dir, out_dir = _run_two_processes(tmp_path)
+    ckpt_dir, out_dir = tmp_path / 'ckpt', tmp_path / 'out'
+    out_dir.mkdir()
+    wait = _start_two(tmp_path, ['child', str(ckpt_dir), str(out_dir)])
+    # Same job in this single process over 8 devices, while the children run.
+    ref_params, ref_info = _train()
+    wait()
     infos = [json.loads((out_dir / f'info{i}.json').read_text()) for i in range(2)]
     for i, info in enumerate(infos):
         assert info['process_index'] == i
@@ -204,12 +214,11 @@ def test_two_processes_match_single_process_and_checkpoint_restores(tmp_path):
     assert infos[0]['losses'] == infos[1]['losses']
     two = dict(np.load(out_dir / 'params.npz'))
 
-    # Same job in this single process over 8 devices. Tolerances: cross-process (gloo) and
-    # in-process all-reduces may sum in different orders (float32 rounding); adam divides each
-    # gradient element by its own RMS, which can blow such a rounding difference up to a
-    # fraction of the learning rate (1e-2) for an element whose gradient is ~0. So: every
-    # element within 1e-4 (1 % of lr), and 99.9 % of elements within float32 rounding.
-    ref_params, ref_info = _train()
+    # Tolerances vs the 1-process run: cross-process (gloo) and in-process all-reduces may sum
+    # in different orders (float32 rounding); adam divides each gradient element by its own
+    # RMS, which can blow such a rounding difference up to a fraction of the learning rate
+    # (1e-2) for an element whose gradient is ~0. So: every element within 1e-4 (1 % of lr),
+    # and 99.9 % of elements within float32 rounding.
     ref = _flat(ref_params)
     assert ref.keys() == two.keys()
     np.testing.assert_allclose(ref_info['losses'], infos[0]['losses'], rtol=1e-5, atol=1e-6)
@@ -345,11 +354,12 @@ def test_trainer_two_processes_match_one_process(tmp_path):
     repo = pathlib.Path(__file__).resolve().parents[1]
     overrides = ['train.steps=4', 'checkpoint.every=2', 'train.log_every=2']
     two_dir = tmp_path / 'two'
-    _spawn_two(tmp_path, ['cli', str(repo / 'configs/tiny.yaml'), f'run_dir={two_dir}',
-                          *overrides])
-    two_eval = [e for e in train.read_metrics(two_dir) if e['event'] == 'eval'][-1]
+    wait = _start_two(tmp_path, ['cli', str(repo / 'configs/tiny.yaml'), f'run_dir={two_dir}',
+                                 *overrides])
     one = train.train(config.load_config(
         repo / 'configs/tiny.yaml', [f'run_dir={tmp_path / "one"}', *overrides]), progress=False)
+    wait()
+    two_eval = [e for e in train.read_metrics(two_dir) if e['event'] == 'eval'][-1]
     assert (one['step'], two_eval['step']) == (4, 4)
     # Tolerance: all-reduce order differs across processes (see the test above).
     assert abs(one['loss'] - two_eval['loss']) <= 1e-4 * max(1.0, abs(one['loss']))
