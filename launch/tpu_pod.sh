@@ -28,7 +28,8 @@ Environment (defaults in brackets):
 --dry-run prints the gcloud commands instead of running them.
 
 Checkpoints: every host writes its own shards, so checkpoint.dir must be storage that all
-workers see (a gs:// bucket or a shared filesystem), e.g. checkpoint.dir=/mnt/shared/run1.
+workers see (a shared filesystem: NFS/Filestore or a gcsfuse-mounted bucket; gs:// URLs are not
+supported by jaxprune.checkpoint yet), e.g. checkpoint.dir=/mnt/shared/run1.
 
 Example:
   TPU_NAME=prune-v4 ACCELERATOR=v4-16 launch/tpu_pod.sh run configs/tiny.yaml train.steps=200
