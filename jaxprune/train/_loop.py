@@ -43,6 +43,7 @@ class Setup:
     state_sharding: Any
     rest_sharding: Any
     arch: Any
+    eval_cache: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def trainable_filter(cfg: config_lib.RunCfg):
@@ -100,9 +101,15 @@ def _place(batch: dict[str, np.ndarray], sh) -> dict[str, jax.Array]:
 def evaluate_state(s: Setup, *, split: str = 'validation') -> dict[str, float]:
     """Exact metrics of the current state over a whole split (padding rows ignored)."""
     cfg = s.cfg
-    batches = _data.eval_batches(s.splits[split], s.tokenizer, cfg.data, task=cfg.model.task)
+    if split not in s.eval_cache:  # tokenize once per split
+        s.eval_cache[split] = _data.eval_batches(
+            s.splits[split], s.tokenizer, cfg.data, task=cfg.model.task)
+    batches = s.eval_cache[split]
     sh = _batch_sharding(s.mesh, cfg.data.eval_batch_size)
-    fn = _step.make_eval_step(s.graphdef, task=cfg.model.task)
+    key = ('fn', s.graphdef)
+    if key not in s.eval_cache:  # one jitted function per graphdef: no re-trace per eval
+        s.eval_cache[key] = _step.make_eval_step(s.graphdef, task=cfg.model.task)
+    fn = s.eval_cache[key]
     totals = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
     for b in batches:
         sums = fn(s.state.trainable, s.rest, s.state.opt_state, _place(b, sh))
@@ -160,6 +167,11 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
     tcfg, task = cfg.train, cfg.model.task
     ckpts = _checkpointer(cfg)
     data_position = 0
+    if not cfg.checkpoint.resume and ckpts.latest_step() is not None:
+        ckpts.close()
+        raise ValueError(
+            f'checkpoint.resume=false but {str(cfg.checkpoint_dir)!r} holds checkpoints; '
+            'pass checkpoint.resume=true or a fresh run_dir')
     if cfg.checkpoint.resume:
         found = ckpts.restore_latest_valid(target=_abstract(s.state))
         if found is not None:
