@@ -18,7 +18,7 @@ and runs `jaxprune train CONFIG KEY=VALUE ...` (or, with -e, COMMAND ARG ...).
 Options:
   -n PROCS     number of processes (default 2)
   -d DEVICES   simulated CPU devices per process (default 4)
-  -p PORT      coordinator port (default: a free port)
+  -p PORT      coordinator port (default: a random free port)
   -l LOG_DIR   per-process logs proc<i>.log (default: a new temp dir)
   -e           treat the arguments as a command instead of a config for `jaxprune train`
   -h           this help
@@ -64,7 +64,11 @@ for v in procs devices; do
 done
 
 if [[ -z "${port}" ]]; then
-  port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  # A random port nobody listens on (bash's /dev/tcp connect fails on a closed port).
+  for _ in $(seq 1 50); do
+    port=$((20000 + RANDOM % 40000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/${port}") 2>/dev/null; then break; fi
+  done
 fi
 if [[ -z "${log_dir}" ]]; then
   log_dir="$(mktemp -d -t jaxprune-local-XXXXXX)"

@@ -121,6 +121,7 @@ def _child(ckpt_dir: str, out_dir: str) -> None:
 
     info = distributed.maybe_initialize()  # reads JAXPRUNE_* from the environment
     assert info.distributed and info.process_count == 2, info
+    assert distributed.maybe_initialize() == info  # idempotent: a second call only reports
     print(f'[child] initialised after {time.perf_counter() - t0:.1f}s', flush=True)
     params, meta = _train(ckpt_dir=ckpt_dir)
     print(f'[child] trained and saved after {time.perf_counter() - t0:.1f}s', flush=True)

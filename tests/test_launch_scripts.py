@@ -144,7 +144,7 @@ def test_local_multiprocess_stops_all_when_one_fails(tmp_path):
     cmd = 'if [ "$JAXPRUNE_PROCESS_ID" = 1 ]; then echo boom-$JAXPRUNE_NUM_PROCESSES; exit 3; fi; ' \
           'exec sleep 60'
     r = _run(['bash', str(LAUNCH / 'local_multiprocess.sh'), '-n', '3', '-d', '1', '-l',
-              str(tmp_path), '-e', 'bash', '-c', cmd], timeout=30)
+              str(tmp_path), '-e', 'bash', '-c', cmd], timeout=60)
     assert r.returncode == 3
     assert 'process 1 exited with status 3' in r.stderr and 'boom-3' in r.stderr
 
