@@ -170,7 +170,8 @@ def maybe_initialize(cfg_or_env: Any = None) -> ProcessInfo:
       A ``ProcessInfo`` (``process_index``, ``process_count``, ``distributed``). Logged at INFO.
 
     Raises:
-      ValueError: for invalid settings (see ``settings``).
+      ValueError: for invalid settings (see ``settings``), or ``auto`` outside a cluster that
+        JAX can detect.
       RuntimeError: when a distributed run is requested but JAX's backends already started;
         move the call to the top of the program.
 
@@ -192,7 +193,13 @@ def maybe_initialize(cfg_or_env: Any = None) -> ProcessInfo:
             'call (jax.devices(), device_put, jit, ...)')
     if s.mode == 'auto':
         logger.info('jax.distributed.initialize() with cluster auto-detection')
-        jax.distributed.initialize()
+        try:
+            jax.distributed.initialize()
+        except ValueError as e:  # no cluster found: JAX only says coordinator_address is unset
+            raise ValueError(
+                f'{ENV_MODE}=auto found no cluster (JAX detects Cloud TPU pods, SLURM, Open MPI '
+                f'and k8s): {e}; outside those set {ENV_COORDINATOR}, {ENV_NUM_PROCESSES} and '
+                f'{ENV_PROCESS_ID} instead') from e
     else:
         logger.info('jax.distributed.initialize(coordinator=%s, num_processes=%d, process_id=%d)',
                     s.coordinator, s.num_processes, s.process_id)

@@ -318,6 +318,18 @@ def test_maybe_initialize_off_is_a_no_op_and_late_on_raises():
     assert not jax.distributed.is_initialized()
 
 
+def test_auto_outside_a_cluster_explains():
+    # A fresh interpreter: joining a runtime needs JAX backends that have not started yet.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(('SLURM_', 'OMPI_', 'TPU_', 'KUBERNETES_', 'JAXPRUNE_'))}
+    env.update(JAXPRUNE_DISTRIBUTED='auto', JAX_PLATFORMS='cpu')
+    code = 'from jaxprune import distributed; distributed.maybe_initialize()'
+    r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       timeout=CHILD_TIMEOUT_S, check=False)
+    assert r.returncode != 0
+    assert 'JAXPRUNE_DISTRIBUTED=auto found no cluster' in r.stderr, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize('mesh_shape', [{'data': 8}, {'data': 2, 'fsdp': 2, 'tensor': 2},
                                         {'data': 1, 'tensor': 8}])
 def test_global_batch_from_host_matches_device_put_single_process(mesh_shape):
