@@ -108,7 +108,8 @@ def evaluate_state(s: Setup, *, split: str = 'validation') -> dict[str, float]:
     sh = _batch_sharding(s.mesh, cfg.data.eval_batch_size)
     key = ('fn', s.graphdef)
     if key not in s.eval_cache:  # one jitted function per graphdef: no re-trace per eval
-        s.eval_cache[key] = _step.make_eval_step(s.graphdef, task=cfg.model.task)
+        s.eval_cache[key] = _step.make_eval_step(
+            s.graphdef, task=cfg.model.task, method=s.method)
     fn = s.eval_cache[key]
     totals = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
     for b in batches:

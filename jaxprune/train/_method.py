@@ -1,6 +1,6 @@
 """The hook through which pruning methods plug into the training loop.
 
-A ``Method`` contributes three things and nothing else:
+A ``Method`` contributes these things and nothing else:
 
 * ``transforms(trainable)``: optax pieces inserted into the optimizer chain between gradient
   clipping and adamw (e.g. a ``sparsify`` wrapper that owns ``masks`` in its state). The loop reads
@@ -8,6 +8,14 @@ A ``Method`` contributes three things and nothing else:
   model, so masks are checkpointed and sharded with the optimizer state.
 * ``loss_extras(trainable, out, batch)``: extra loss terms inside ``jit`` (pure; returns a scalar
   and a dict of scalars to log), e.g. a distillation or regulariser term.
+* ``prepare(trainable, rest, masks)`` (optional, inside ``jit``): maps the parameters and the
+  optimizer-state ``masks`` to what the forward sees, returning ``(trainable, rest, model_masks)``.
+  Structured methods pass masks through as ``model(..., masks=...)``; AST instead applies its
+  weight masks to the kernels with a straight-through estimator and returns ``model_masks=None``.
+* ``value_and_grad(fn, trainable, rest, batch, masks, rng)`` (optional, inside ``jit``): computes
+  ``((loss, aux), grads, update_kwargs)``; ``update_kwargs`` reach ``tx.update`` as extra args
+  (APT passes ``salience=`` gathered from activation taps in the same backward pass). The default
+  is ``jax.value_and_grad(fn, has_aux=True)`` with no extra args.
 * ``on_step_end(step, state)``: runs outside ``jit`` after every step with a host-side
   ``LoopState``; this is where shape-changing surgery happens (return a new state with a new
   graphdef; the loop re-jits when the graphdef changes).
@@ -44,7 +52,11 @@ class LoopState:
 
 
 class Method(Protocol):
-    """What a pruning method provides to the training loop (see the module docstring)."""
+    """What a pruning method provides to the training loop (see the module docstring).
+
+    ``prepare`` and ``value_and_grad`` are optional; the loop uses ``default_prepare`` and
+    ``default_value_and_grad`` for a method that does not define them.
+    """
 
     def transforms(self, trainable: optax.Params) -> tuple[optax.GradientTransformation, ...]:
         ...
@@ -56,6 +68,27 @@ class Method(Protocol):
 
     def on_step_end(self, step: int, state: LoopState) -> LoopState:
         ...
+
+
+def default_prepare(trainable: Any, rest: Any, masks: Any) -> tuple[Any, Any, Any]:
+    """Optimizer-state masks are the model's activation masks (structured methods)."""
+    return trainable, rest, masks
+
+
+def default_value_and_grad(fn, trainable, rest, batch, masks, rng):
+    """Plain ``jax.value_and_grad`` over ``trainable``; no extra args for ``tx.update``."""
+    (loss, aux), grads = jax.value_and_grad(fn, has_aux=True)(trainable, rest, batch, masks, rng)
+    return (loss, aux), grads, {}
+
+
+def prepare_fn(method: Any) -> Callable[[Any, Any, Any], tuple[Any, Any, Any]]:
+    """The method's ``prepare`` hook, or the default."""
+    return getattr(method, 'prepare', default_prepare)
+
+
+def value_and_grad_fn(method: Any) -> Callable[..., Any]:
+    """The method's ``value_and_grad`` hook, or the default."""
+    return getattr(method, 'value_and_grad', default_value_and_grad)
 
 
 @dataclasses.dataclass(frozen=True)

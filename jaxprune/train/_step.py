@@ -95,8 +95,9 @@ def loss_fn(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean token/example cross-entropy plus the method's extra terms."""
     del rng  # The models are deterministic (no dropout); kept for methods that sample.
-    model = nnx.merge(graphdef, trainable, rest)
-    out = forward(model, batch, masks)
+    fwd_trainable, fwd_rest, model_masks = _method.prepare_fn(method)(trainable, rest, masks)
+    model = nnx.merge(graphdef, fwd_trainable, fwd_rest)
+    out = forward(model, batch, model_masks)
     sums = loss_sums(out, batch['labels'], task=task)
     loss = sums['loss_sum'] / jnp.maximum(sums['count'], 1.0)
     extra, extra_logs = method.loss_extras(trainable, out, batch)
@@ -126,10 +127,10 @@ def train_step(
     """
     rng, step_rng = jax.random.split(state.rng)
     masks = get_masks(state.opt_state)
-    grad_fn = jax.value_and_grad(
-        functools.partial(loss_fn, graphdef=graphdef, task=task, method=method), has_aux=True)
-    (loss, aux), grads = grad_fn(state.trainable, rest, batch, masks, step_rng)
-    updates, new_opt = tx.update(grads, state.opt_state, state.trainable)
+    fn = functools.partial(loss_fn, graphdef=graphdef, task=task, method=method)
+    (loss, aux), grads, update_kwargs = _method.value_and_grad_fn(method)(
+        fn, state.trainable, rest, batch, masks, step_rng)
+    updates, new_opt = tx.update(grads, state.opt_state, state.trainable, **update_kwargs)
     new_params = optax.apply_updates(state.trainable, updates)
     ok = jnp.isfinite(loss) & _all_finite(grads)
     keep = functools.partial(jax.tree.map, lambda n, o: jnp.where(ok, n, o))
@@ -160,10 +161,12 @@ def eval_step(
     *,
     graphdef: nnx.GraphDef,
     task: str,
+    method: _method.Method | None = None,
 ) -> dict[str, jax.Array]:
     """Summed eval metrics of one batch (``loss_sum``, ``correct``, ``count``)."""
+    trainable, rest, model_masks = _method.prepare_fn(method)(trainable, rest, get_masks(opt_state))
     model = nnx.merge(graphdef, trainable, rest)
-    out = forward(model, batch, get_masks(opt_state))
+    out = forward(model, batch, model_masks)
     return loss_sums(out, batch['labels'], task=task)
 
 
@@ -190,9 +193,11 @@ def make_train_step(
     return jax.jit(fn, donate_argnums=(0,)) if jit else fn
 
 
-def make_eval_step(graphdef: nnx.GraphDef, *, task: str, jit: bool = True):
+def make_eval_step(
+    graphdef: nnx.GraphDef, *, task: str, method: _method.Method | None = None, jit: bool = True
+):
     """``eval(trainable, rest, opt_state, batch) -> sums``."""
-    fn = functools.partial(eval_step, graphdef=graphdef, task=task)
+    fn = functools.partial(eval_step, graphdef=graphdef, task=task, method=method)
     return jax.jit(fn) if jit else fn
 
 
