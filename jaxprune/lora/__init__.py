@@ -15,5 +15,11 @@ from jaxprune.lora._spec import merge_lora as merge_lora
 from jaxprune.lora._spec import target_paths as target_paths
 from jaxprune.lora._spec import trainable_filter as trainable_filter
 
-# Rank growth/shrink (owned by another helper, lora/_grow.py):
-# from jaxprune.lora._grow import ... as ...
+from jaxprune.lora._grow import grow_ranks as grow_ranks
+from jaxprune.lora._grow import growth_factor as growth_factor
+from jaxprune.lora._grow import init_rank_masks as init_rank_masks
+from jaxprune.lora._grow import rank_salience as rank_salience
+from jaxprune.lora._grow import resize_model_ranks as resize_model_ranks
+from jaxprune.lora._grow import resize_ranks as resize_ranks
+from jaxprune.lora._grow import resize_ranks_like as resize_ranks_like
+from jaxprune.lora._grow import tuning_params as tuning_params

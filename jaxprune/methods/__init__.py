@@ -1,0 +1,41 @@
+"""Methods: APT, ATP and AST as recipes over the public pieces, plus one-shot baselines.
+
+Design (optax ``alias.py`` style): ``jaxprune.methods.ast(...)`` and ``apt(...)`` are
+``optax.chain``s of public transforms, so any piece can be swapped. What cannot live in an optax
+state (shape-changing surgery, rank growth, ATP's alternating generator step) is a pure function
+here that the training loop calls outside ``jit``. Distillation losses are shared by all methods.
+"""
+
+from jaxprune.methods._distill import ast_loss as ast_loss
+from jaxprune.methods._distill import cross_entropy as cross_entropy
+from jaxprune.methods._distill import hidden_mse as hidden_mse
+from jaxprune.methods._distill import kl_distill as kl_distill
+from jaxprune.methods._distill import kl_per_token as kl_per_token
+from jaxprune.methods._oneshot import input_hessian as input_hessian
+from jaxprune.methods._oneshot import magnitude_prune as magnitude_prune
+from jaxprune.methods._oneshot import sparsegpt_prune as sparsegpt_prune
+from jaxprune.methods._oneshot import sparsegpt_prune_params as sparsegpt_prune_params
+from jaxprune.methods._oneshot import wanda_prune as wanda_prune
+from jaxprune.methods._ast import ast as ast
+from jaxprune.methods._ast import ast_forward_params as ast_forward_params
+from jaxprune.methods._ast import slorb_apply as slorb_apply
+from jaxprune.methods._ast import slorb_dense as slorb_dense
+from jaxprune.methods._ast import slorb_init as slorb_init
+from jaxprune.methods._ast import slorb_init_tree as slorb_init_tree
+from jaxprune.methods._apt import after_pruning_step as after_pruning_step
+from jaxprune.methods._apt import apt as apt
+from jaxprune.methods._apt import apt_loss as apt_loss
+from jaxprune.methods._apt import init_projections as init_projections
+from jaxprune.methods._apt import prune_projections as prune_projections
+from jaxprune.methods._apt import teacher_params as teacher_params
+from jaxprune.methods._apt import teacher_snapshot as teacher_snapshot
+from jaxprune.methods._apt import value_grads_and_salience as value_grads_and_salience
+from jaxprune.methods._atp import atp_export_masks as atp_export_masks
+from jaxprune.methods._atp import atp_lora_tx as atp_lora_tx
+from jaxprune.methods._atp import atp_surgery_keep as atp_surgery_keep
+from jaxprune.methods._atp import atp_surgery_plan as atp_surgery_plan
+from jaxprune.methods._atp import causal_lm_loss as causal_lm_loss
+from jaxprune.methods._atp import generator_loss as generator_loss
+from jaxprune.methods._atp import generator_step as generator_step
+from jaxprune.methods._atp import llm_step as llm_step
+from jaxprune.methods._atp import sample_step_masks as sample_step_masks
