@@ -1,0 +1,541 @@
+"""ATP end to end: config, the alternating two-optimizer driver, budget projection and export.
+
+ATP (Lu et al., 2024) trains two things with two optimizers on every step of a *control phase*:
+
+1. the pruning-decision generator (``jaxprune.scores._atp_generator``), LLM frozen, on batches
+   from a held-out slice of the domain training set
+   (:func:`jaxprune.methods._atp.generator_step`);
+2. the LoRA factors, generator frozen, in LoRA-aware mode with a mask sampled from the generator,
+   followed by the proximal group lasso on the LoRA groups of pruned channels
+   (:func:`jaxprune.methods._atp.llm_step` with ``chain(clip, adamw, group_lasso)``).
+
+This does not fit the trainer's single optax chain, so :func:`train_atp` is a dedicated driver
+built from the trainer's pieces (model factory, data splits, eval batches, ``loss_sums``,
+``MetricsLogger``, ``Checkpointer``). After the control phase the masks are frozen to
+:func:`project_masks` (the generator's ranking cut at exactly the parameter budget), and LoRA
+keeps training with the group lasso until the pruned groups are ~0. Export (:func:`export`)
+merges LoRA into the weights (``W + s A B``), removes whole GQA groups and FFN neurons through
+``jaxprune.surgery.prune`` and the remaining per-layer dims through ``jaxprune.surgery._dims``,
+so the exported model holds exactly ``kept_params(masks)`` projection parameters.
+
+The CLI path: ``prune.method: atp`` configs must dispatch to :func:`train_atp`; the regular
+trainer raises a ``ValueError`` that says so (the registered train ``Method`` cannot alternate
+optimizers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import pathlib
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxprune import config as config_lib
+from jaxprune.masks import _density, _gumbel
+from jaxprune.methods import _atp
+from jaxprune.scores import _atp_generator
+from jaxprune.transforms import _group_lasso
+
+logger = logging.getLogger(__name__)
+
+
+@config_lib.register_prune('atp')
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AtpCfg(config_lib.PruneCfg):
+    """ATP hyperparameters (``prune.method: atp``).
+
+    Attributes:
+      target_density: fraction of the *prunable* parameters **kept** at the end, in ``(0, 1]``.
+        Prunable = the seven projection kernels (q, k, v, o, gate, up, down) of every decoder
+        layer, counted by ``jaxprune.masks._density`` (embeddings, norms, LM head and LoRA
+        factors are not prunable). ``0.6`` removes 40 % of them.
+      reg_weight: ``lambda`` of the generator loss ``L_task + lambda * R(P(m), p)``.
+      temperature: Gumbel-sigmoid temperature ``tau``.
+      bias: Gumbel-sigmoid logit bias (initial keep probability ``sigmoid(bias)``).
+      control_fraction: fraction of ``train.steps`` in the control phase (generator + LoRA
+        alternate); the remaining steps train LoRA with the frozen, projected masks.
+      generator_lr: AdamW learning rate of the generator.
+      generator_width: width of the generator's layer embeddings / encoder.
+      generator_layers: encoder layers of the generator.
+      lasso_init: group-lasso strength ``eta`` at step 0.
+      lasso_growth: ``eta`` is multiplied by this factor every ``lasso_every`` steps
+        (ATP's exponential ramp) ...
+      lasso_every: ... steps, ...
+      lasso_max: ... and capped here.
+      holdout_fraction: share of the training documents held out for the generator steps
+        (at least one document); LoRA never sees them.
+      gen_batch_size: generator batch size (0 = ``data.batch_size``).
+    """
+
+    target_density: float = 0.6
+    reg_weight: float = 2.0
+    temperature: float = _gumbel.DEFAULT_TEMPERATURE
+    bias: float = _gumbel.DEFAULT_BIAS
+    control_fraction: float = 0.5
+    generator_lr: float = 1e-3
+    generator_width: int = 64
+    generator_layers: int = 2
+    lasso_init: float = 0.1
+    lasso_growth: float = 2.0
+    lasso_every: int = 10
+    lasso_max: float = 100.0
+    holdout_fraction: float = 0.1
+    gen_batch_size: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks = {
+            'reg_weight': self.reg_weight >= 0, 'temperature': self.temperature > 0,
+            'generator_lr': self.generator_lr > 0, 'generator_width': self.generator_width > 0,
+            'generator_layers': self.generator_layers >= 0, 'lasso_init': self.lasso_init >= 0,
+            'lasso_growth': self.lasso_growth >= 1, 'lasso_every': self.lasso_every >= 1,
+            'lasso_max': self.lasso_max >= self.lasso_init,
+            'gen_batch_size': self.gen_batch_size >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f'prune.{name}={getattr(self, name)!r} is out of range; see '
+                                 'AtpCfg (e.g. reg_weight>=0, temperature>0, lasso_growth>=1)')
+        if not 0 <= self.control_fraction <= 1:
+            raise ValueError(f'prune.control_fraction={self.control_fraction} must be in [0, 1]')
+        if not 0 < self.holdout_fraction < 1:
+            raise ValueError(f'prune.holdout_fraction={self.holdout_fraction} must be in (0, 1)')
+
+    def lasso_schedule(self) -> optax.Schedule:
+        """``eta(t) = min(lasso_init * lasso_growth ** (t / lasso_every), lasso_max)``."""
+        return optax.exponential_decay(
+            self.lasso_init, self.lasso_every, self.lasso_growth, end_value=self.lasso_max)
+
+    def control_steps(self, steps: int) -> int:
+        return int(round(self.control_fraction * steps))
+
+
+def _atp_method_builder(prune_cfg, *, run_cfg=None):
+    del run_cfg
+    raise ValueError(
+        f'prune.method={prune_cfg.method!r} alternates two optimizers (generator and LoRA) and '
+        'cannot run in the single-chain trainer; call jaxprune.methods.train_atp(cfg) (the CLI '
+        'dispatches `jaxprune train` to it for prune.method=atp)')
+
+
+def _register_train_method():
+    from jaxprune import train
+
+    train.register_method('atp')(_atp_method_builder)
+
+
+_register_train_method()
+
+
+# ---------------------------------------------------------------------------------------------
+# Budget projection.
+
+
+def project_masks(
+    logits: Any, dims: Sequence[_density.LayerDims], *, target_density: float,
+    bias: float = _gumbel.DEFAULT_BIAS,
+) -> Any:
+    r"""Hard masks from generator logits that keep exactly the parameter budget (outside jit).
+
+    All units of all groups are ranked by ``logit + bias`` (descending, stable); the masks keep
+    the longest prefix :math:`k^*` of that ranking whose exact kept count fits:
+
+    .. math:: k^* = \max\{k : N(k) \le p \cdot N_{prunable}\}
+
+    with :math:`N` = ``jaxprune.masks._density.kept_params`` (monotone in the prefix, so a binary
+    search finds it). Hence ``density <= target_density < density(k* + 1)``: the removed share is
+    ``1 - target_density`` up to the marginal cost of a single unit. With a generator trained to
+    the target, this is its deterministic mask ``1[l + bias >= 0]`` with a global bias correction.
+
+    Args:
+      logits: generator logits in the masks layout (``generator_apply(gen_params)``).
+      dims: per-layer dims.
+      target_density: fraction of prunable parameters to keep, in ``(0, 1]``.
+      bias: the Gumbel-sigmoid bias (only shifts all logits; kept for the documented ranking).
+
+    Returns:
+      ``{'layers': ({group: f32[size] in {0, 1}}, ...)}``.
+
+    Raises:
+      ValueError: ``target_density`` outside ``(0, 1]``.
+
+    References:
+      Lu et al., 2024 (ATP), arXiv:2412.14426. Deviation: ATP exports ``1[l + bias >= 0]``, whose
+      density only approaches the target; the projection makes the budget exact.
+    """
+    if not 0 < target_density <= 1:
+        raise ValueError(f'{target_density=} must be in (0, 1] (fraction of prunable params kept)')
+    leaves, treedef = jax.tree.flatten(logits)
+    flat = np.concatenate([np.asarray(x, np.float64).ravel() + bias for x in leaves])
+    order = np.argsort(-flat, kind='stable')
+    budget = target_density * float(_density.prunable_params(dims))
+
+    def masks_of(k):
+        keep = np.zeros(flat.size, np.float32)
+        keep[order[:k]] = 1.0
+        out, start = [], 0
+        for x in leaves:
+            out.append(jnp.asarray(keep[start:start + x.size].reshape(np.shape(x))))
+            start += x.size
+        return jax.tree.unflatten(treedef, out)
+
+    def kept(k):
+        return float(_density.kept_params(masks_of(k), dims))
+
+    lo, hi = 0, flat.size  # kept(lo) <= budget; find the largest such k
+    if kept(hi) <= budget:
+        return masks_of(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if kept(mid) <= budget else (lo, mid)
+    return masks_of(lo)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export.
+
+
+def _lora_scale(model: nnx.Module) -> float | None:
+    scales = {node.lora_scale for _, node in nnx.iter_graph(model)
+              if getattr(node, 'lora_a', None) is not None and hasattr(node, 'lora_scale')}
+    if len(scales) > 1:
+        raise ValueError(f'adapters have different scales {sorted(scales)}; merge them one by one')
+    return scales.pop() if scales else None
+
+
+def export(model: nnx.Module, masks: Any) -> tuple[dict[str, Any], Any, dict[str, int]]:
+    """Physically remove everything hard ATP masks prune (outside jit).
+
+    Steps: merge LoRA into the kernels (evaluation semantics ``((W + s A B) x) * m``); remove
+    whole GQA groups and FFN neurons with ``jaxprune.surgery.prune`` (keep vectors from
+    :func:`jaxprune.methods._atp.atp_surgery_keep`); slice the remaining per-layer dims
+    (``attn_in/out``, ``mlp_in/out``, value-head dims) with ``jaxprune.surgery._dims.compact``.
+
+    Args:
+      model: the trained ``Llama`` (with or without LoRA).
+      masks: hard ``{0, 1}`` masks in the models layout for ``model.config``.
+
+    Returns:
+      ``(compact_params, config, counts)``: run with ``jaxprune.surgery._dims.compact_forward(
+      compact_params, ids, config=config)``; ``counts`` holds ``prunable`` (original projection
+      params), ``kept`` (projection params stored), ``kept_by_density`` (``kept_params(masks)``)
+      and ``total`` (all stored float params).
+
+    Raises:
+      RuntimeError: the stored count differs from the density module's count (a bug).
+    """
+    from jaxprune import lora, surgery
+    from jaxprune.surgery import _dims
+
+    config = model.config
+    dims = _density.layer_dims(config)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    scale = _lora_scale(model)
+    if scale is not None:
+        params = lora.merge_lora(params, scale=scale)
+    keep, residual = _atp.atp_surgery_keep(masks, dims)
+    new_config, pruned = surgery.prune(config, params, keep)
+    compact = _dims.compact(new_config, pruned, residual)
+    counts = {
+        'prunable': int(_density.prunable_params(dims)),
+        'kept': _dims.projection_param_count(compact),
+        'kept_by_density': int(round(float(_density.kept_params(masks, dims)))),
+        'total': _dims.param_count(compact),
+    }
+    if counts['kept'] != counts['kept_by_density']:
+        raise RuntimeError(f'exported projection params {counts} differ from the density count')
+    return compact, new_config, counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation (the trainer's exact sums over padded eval batches).
+
+
+def evaluate_lm(apply_fn: Callable[[dict[str, jax.Array]], jax.Array],
+                batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Exact causal-LM metrics of ``apply_fn(batch) -> logits`` over eval batches.
+
+    ``apply_fn`` should be jitted; padding labels (``-1``) are ignored
+    (``jaxprune.train.loss_sums``). Returns ``loss``, ``accuracy``, ``count``, ``perplexity``.
+    """
+    from jaxprune import train
+
+    @jax.jit
+    def sums(b):
+        return train.loss_sums(apply_fn(b), b['labels'], task='causal_lm')
+
+    totals = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
+    for b in batches:
+        s = sums({k: jnp.asarray(v) for k, v in b.items()})
+        for k in totals:
+            totals[k] += float(s[k])
+    return train.summarize(totals, task='causal_lm')
+
+
+def split_holdout(train_split: Any, fraction: float) -> tuple[Any, Any]:
+    """``(lora_split, generator_split)``: the last ``ceil(fraction * n)`` documents held out."""
+    n = len(train_split)
+    if n < 2:
+        raise ValueError(f'the train split has {n} document(s); ATP needs >= 2 (one held out)')
+    k = min(n - 1, max(1, math.ceil(fraction * n)))
+    return train_split.select(range(n - k)), train_split.select(range(n - k, n))
+
+
+def pruned_lora_norm(trainable: Any, masks: Any, dims: Sequence[_density.LayerDims]) -> float:
+    """Largest L2 norm of a LoRA group (row of A / column of B) that feeds a pruned channel."""
+    shares = _group_lasso.lora_shares_fn(dims)(masks, trainable)
+    norms = []
+
+    def one(share, p):
+        if share is None:
+            return
+        axes = tuple(i for i, s in enumerate(share.shape) if s == 1)
+        n = jnp.sqrt(jnp.sum(jnp.square(p.astype(jnp.float32)), axis=axes, keepdims=True))
+        norms.append(jnp.max(jnp.where(share > 0, n, 0.0)))
+
+    jax.tree.map(one, shares, trainable, is_leaf=lambda x: x is None)
+    return float(max(norms)) if norms else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver.
+
+
+@dataclasses.dataclass
+class AtpRun:
+    """What :func:`run_atp` produced: the trained model, masks, export and the final record."""
+
+    model: nnx.Module
+    gen_params: Any
+    masks: Any
+    compact: dict[str, Any]
+    compact_config: Any
+    record: dict[str, Any]
+    tokenizer: Any
+    splits: Any
+
+
+def _lr_schedule(tcfg: Any, steps: int) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        0.0, tcfg.learning_rate, min(tcfg.warmup_steps, steps), steps,
+        end_value=tcfg.learning_rate * tcfg.final_lr_ratio)
+
+
+def lora_tx(run_cfg: config_lib.RunCfg, dims: Sequence[_density.LayerDims]
+            ) -> optax.GradientTransformationExtraArgs:
+    """``chain(clip, adamw(schedule), group_lasso)`` for the LoRA step (trainer's LR schedule)."""
+    tcfg, pcfg = run_cfg.train, run_cfg.prune
+    lr = _lr_schedule(tcfg, tcfg.steps)
+    parts = [optax.clip_by_global_norm(tcfg.grad_clip)] if tcfg.grad_clip > 0 else []
+    parts += [
+        optax.adamw(lr, b1=tcfg.b1, b2=tcfg.b2, weight_decay=tcfg.weight_decay),
+        _group_lasso.group_lasso(_group_lasso.lora_shares_fn(dims),
+                                 strength=pcfg.lasso_schedule(), learning_rate=lr),
+    ]
+    return optax.chain(*parts)
+
+
+def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
+            max_eval_batches: int | None = None) -> AtpRun:
+    """Train ATP per ``run_cfg`` (``prune.method: atp``), export, evaluate; see :func:`train_atp`.
+
+    Args:
+      run_cfg: the run config; needs ``model.task: causal_lm``, a Llama model and LoRA enabled.
+      progress: rich progress bar (default: when stderr is a terminal).
+      max_eval_batches: evaluate on the first this many validation batches only (None = all).
+
+    Returns:
+      an :class:`AtpRun`.
+
+    Raises:
+      ValueError: wrong method, task, architecture, or LoRA disabled.
+    """
+    from jaxprune import checkpoint, data, lora, models, train
+
+    pcfg, tcfg, dcfg = run_cfg.prune, run_cfg.train, run_cfg.data
+    if not isinstance(pcfg, AtpCfg):
+        raise ValueError(f'prune.method={pcfg.method!r}; train_atp needs prune.method=atp')
+    if run_cfg.model.task != 'causal_lm':
+        raise ValueError(f'model.task={run_cfg.model.task!r}; ATP here supports causal_lm')
+    if not run_cfg.lora.enabled:
+        raise ValueError('lora.enabled=false; ATP trains LoRA adapters: set lora.enabled=true '
+                         "(targets e.g. '.*\\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj"
+                         "|down_proj)')")
+    t_start = time.perf_counter()
+    run_dir = pathlib.Path(run_cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_lib.save_config(run_cfg, run_dir / 'config.yaml')
+    model, arch, tokenizer = train.build_model(run_cfg.model, run_cfg.lora)
+    if not isinstance(arch, models.LlamaConfig):
+        raise ValueError(f'model.name_or_path={run_cfg.model.name_or_path!r} is not a Llama; '
+                         'ATP masks here are defined for Llama-family decoders')
+    dims = _density.layer_dims(arch)
+    graphdef, trainable, frozen = nnx.split(model, lora.trainable_filter(), ...)
+    loss_fn = _atp.causal_lm_loss(graphdef)
+
+    splits = train.load_splits(dcfg)
+    lora_split, gen_split = split_holdout(splits['train'], pcfg.holdout_fraction)
+    gen_bs = pcfg.gen_batch_size or dcfg.batch_size
+    lora_stream = data.lm_batches(lora_split, tokenizer, batch_size=dcfg.batch_size,
+                                  seq_len=dcfg.seq_len, seed=dcfg.seed)
+    gen_stream = data.lm_batches(gen_split, tokenizer, batch_size=gen_bs, seq_len=dcfg.seq_len,
+                                 seed=dcfg.seed + 1)
+
+    key = jax.random.key(tcfg.seed)
+    key, gkey = jax.random.split(key)
+    gen_params = _atp_generator.generator_init(
+        gkey, _atp_generator.mask_groups(arch), width=pcfg.generator_width,
+        num_layers=pcfg.generator_layers)
+    gen_tx = optax.adamw(pcfg.generator_lr)
+    gen_opt = gen_tx.init(gen_params)
+    tx = lora_tx(run_cfg, dims)
+    opt_state = tx.init(trainable)
+    sample_kw = {'temperature': pcfg.temperature, 'bias': pcfg.bias}
+    gen_step = jax.jit(functools.partial(
+        _atp.generator_step, loss_fn=loss_fn, tx=gen_tx, dims=dims,
+        target_density=pcfg.target_density, reg_weight=pcfg.reg_weight, **sample_kw))
+    sample = jax.jit(functools.partial(_atp.sample_step_masks, **sample_kw))
+    llm_step = jax.jit(functools.partial(_atp.llm_step, loss_fn=loss_fn, tx=tx))
+
+    control = pcfg.control_steps(tcfg.steps)
+    log = train.MetricsLogger(run_dir, total_steps=tcfg.steps, progress=progress)
+    ckpts = checkpoint.Checkpointer(run_cfg.checkpoint_dir, max_to_keep=run_cfg.checkpoint.keep)
+    masks = None
+    window: list[dict[str, Any]] = []
+    tokens = {'lora': 0, 'generator': 0}
+    timing = {'control_s': 0.0, 'freeze_s': 0.0}
+    try:
+        if control == 0:
+            masks = project_masks(_atp_generator.generator_apply(gen_params), dims,
+                                  target_density=pcfg.target_density, bias=pcfg.bias)
+        for step in range(tcfg.steps):
+            t0 = time.perf_counter()
+            batch = {k: jnp.asarray(v) for k, v in next(lora_stream).items()}
+            m: dict[str, Any] = {}
+            key, k_gen, k_mask = jax.random.split(key, 3)
+            if step < control:
+                gb = {k: jnp.asarray(v) for k, v in next(gen_stream).items()}
+                gen_params, gen_opt, gm = gen_step(gen_params, gen_opt, trainable, frozen, gb,
+                                                   k_gen)
+                tokens['generator'] += int(gb['input_ids'].size)
+                step_masks = sample(gen_params, k_mask)
+                m.update({'gen_loss': gm['loss'], 'gen_task_loss': gm['task_loss'],
+                          'sampled_density': gm['density']})
+            else:
+                if masks is None:  # end of the control phase: freeze at the exact budget
+                    masks = project_masks(_atp_generator.generator_apply(gen_params), dims,
+                                          target_density=pcfg.target_density, bias=pcfg.bias)
+                    ckpts.save(step, {'gen_params': gen_params, 'trainable': trainable},
+                               {'step': step, 'phase': 'freeze'})
+                step_masks = masks
+            trainable, opt_state, lm = llm_step(trainable, opt_state, frozen, step_masks, batch)
+            tokens['lora'] += int(batch['input_ids'].size)
+            m['loss'] = lm['loss']
+            window.append(m)
+            jax.block_until_ready(lm['loss'])
+            timing['control_s' if step < control else 'freeze_s'] += time.perf_counter() - t0
+            done = step + 1
+            if done % tcfg.log_every == 0 or done == tcfg.steps:
+                host = jax.device_get(window)
+                rec = {k: float(np.mean([h[k] for h in host if k in h]))
+                       for k in {k for h in host for k in h}}
+                if not math.isfinite(rec['loss']):
+                    raise FloatingPointError(f'non-finite LoRA loss at step {done}: {rec}')
+                rec['phase'] = 'control' if step < control else 'frozen'
+                if masks is not None:
+                    rec['pruned_lora_norm'] = pruned_lora_norm(trainable, masks, dims)
+                log.log('train', done, **rec)
+                log.advance(done, loss=rec['loss'])
+                window = []
+            else:
+                log.advance(done)
+        if masks is None:
+            masks = project_masks(_atp_generator.generator_apply(gen_params), dims,
+                                  target_density=pcfg.target_density, bias=pcfg.bias)
+        train_s = time.perf_counter() - t_start
+        ckpts.save(tcfg.steps, {'gen_params': gen_params, 'trainable': trainable},
+                   {'step': tcfg.steps, 'phase': 'end'})
+        model = nnx.merge(graphdef, trainable, frozen)
+        compact, new_config, counts = export(model, masks)
+        batches = train.eval_batches(splits['validation'], tokenizer, dcfg, task='causal_lm')
+        batches = batches[:max_eval_batches] if max_eval_batches else batches
+
+        def masked(lora_aware):
+            def apply(b):
+                return nnx.merge(graphdef, trainable, frozen)(
+                    b['input_ids'], masks=masks, lora_aware=lora_aware)
+            return apply
+
+        ev_masked = evaluate_lm(masked(False), batches)
+        ev_aware = evaluate_lm(masked(True), batches)
+        ev_export = evaluate_lm(
+            lambda b: _compact_apply(compact, b['input_ids'], new_config), batches)
+        record = {
+            'method': 'atp', 'steps': tcfg.steps, 'control_steps': control,
+            'target_density': pcfg.target_density,
+            'density': float(_density.density(masks, dims)),
+            'pruned_lora_norm': pruned_lora_norm(trainable, masks, dims),
+            'params': counts, 'tokens': tokens, 'train_s': train_s, **timing,
+            'eval_masked': ev_masked, 'eval_lora_aware': ev_aware, 'eval_export': ev_export,
+            'eval_tokens': ev_export['count'],
+        }
+        log.log('eval', tcfg.steps, **{f'export_{k}': v for k, v in ev_export.items()},
+                masked_perplexity=ev_masked['perplexity'],
+                lora_aware_perplexity=ev_aware['perplexity'], density=record['density'])
+    finally:
+        log.close()
+        ckpts.close()
+    model = nnx.merge(graphdef, trainable, frozen)
+    return AtpRun(model=model, gen_params=gen_params, masks=masks, compact=compact,
+                  compact_config=new_config, record=record, tokenizer=tokenizer, splits=splits)
+
+
+def _compact_apply(compact: Any, ids: jax.Array, config: Any) -> jax.Array:
+    from jaxprune.surgery import _dims
+
+    return _dims.compact_forward(compact, ids, config=config)
+
+
+def train_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
+              max_eval_batches: int | None = None) -> dict[str, Any]:
+    """Run ATP end to end and return the final record (JSON-safe).
+
+    Per step ``t < control_fraction * train.steps``: a generator step on a held-out batch (LLM
+    frozen), then a LoRA-aware LoRA step with a freshly sampled mask followed by the group-lasso
+    prox. Then the masks are frozen to :func:`project_masks` (exactly ``prune.target_density``
+    of the prunable parameters kept) and LoRA trains on with the frozen masks while the lasso
+    strength keeps growing. Finally :func:`export` removes the pruned structures physically.
+
+    Writes ``run_dir/config.yaml``, ``run_dir/metrics.jsonl`` (train events every
+    ``train.log_every`` steps with ``loss``, ``gen_loss``, ``sampled_density``,
+    ``pruned_lora_norm``) and checkpoints ``{gen_params, trainable}`` at the freeze and at the
+    end under ``cfg.checkpoint_dir`` (no resume: a restarted run starts over).
+
+    Args:
+      run_cfg: a ``RunCfg`` with ``prune.method: atp`` (see :class:`AtpCfg`).
+      progress: rich progress bar (default: when stderr is a terminal).
+      max_eval_batches: cap on validation batches (None = the whole split).
+
+    Returns:
+      ``{'density', 'params': {'prunable', 'kept', 'kept_by_density', 'total'},
+      'eval_masked', 'eval_lora_aware', 'eval_export', 'tokens', 'train_s', ...}``;
+      ``eval_export`` is the exported (physically pruned) model's validation metrics.
+
+    References:
+      Lu et al., 2024, *All-in-One Tuning and Structural Pruning for Domain-Specific LLMs*,
+      arXiv:2412.14426 (Algorithm 1: alternating generator / LoRA updates, control phase,
+      group-lasso on pruned LoRA groups). Deviations: the budget is met exactly by
+      :func:`project_masks` at the freeze; generator batches come from held-out *training*
+      documents.
+    """
+    return run_atp(run_cfg, progress=progress, max_eval_batches=max_eval_batches).record
