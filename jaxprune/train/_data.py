@@ -110,7 +110,7 @@ def eval_batches(
     else:
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad_id
         ids: list[int] = []
-        for t in tokenizer(texts, add_special_tokens=False)['input_ids']:
+        for t in tokenizer(texts, add_special_tokens=False, verbose=False)['input_ids']:
             ids.extend(t)
             ids.append(eos)
         t = data_cfg.seq_len
