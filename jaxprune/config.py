@@ -387,9 +387,31 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     raise ValueError(f'{name}={value!r} must be of type {tp.__name__}')
 
 
+def _discover(method: Any) -> None:
+    """Imports the module that registers ``method`` (plugin discovery by convention).
+
+    Methods register their ``PruneCfg`` subclass when ``jaxprune.methods`` (or
+    ``jaxprune.methods._<method>_train``) is imported; the loader imports them on demand so
+    that a yaml naming ``prune.method: apt`` loads without an explicit import.
+    """
+    if method in _PRUNE_REGISTRY or not isinstance(method, str) or not method.isidentifier():
+        return
+    import importlib
+
+    for name in ('jaxprune.methods', f'jaxprune.methods._{method}_train'):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # a real missing dependency inside the module
+                raise
+        if method in _PRUNE_REGISTRY:
+            return
+
+
 def _build(cls, d: dict[str, Any], prefix: str):
     if cls is PruneCfg or (isinstance(cls, type) and issubclass(cls, PruneCfg)):
         method = d.get('method', 'none')
+        _discover(method)
         if method not in _PRUNE_REGISTRY:
             close = difflib.get_close_matches(str(method), prune_methods(), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ''

@@ -23,6 +23,8 @@ from jaxprune.train._method import LoopState as LoopState
 from jaxprune.train._method import Method as Method
 from jaxprune.train._method import NoMethod as NoMethod
 from jaxprune.train._method import build_method as build_method
+from jaxprune.train._method import driver_for as driver_for
+from jaxprune.train._method import register_driver as register_driver
 from jaxprune.train._method import register_method as register_method
 from jaxprune.train._metrics import MetricsLogger as MetricsLogger
 from jaxprune.train._metrics import read_metrics as read_metrics

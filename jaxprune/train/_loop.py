@@ -161,6 +161,9 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
     Returns:
       The final ``eval`` event (``step``, ``loss``, ``accuracy`` [, ``perplexity``], ...).
     """
+    driver = _method.driver_for(cfg.prune.method)
+    if driver is not None:  # a method with its own loop (registered with register_driver)
+        return driver(cfg, progress=progress)
     run_dir = pathlib.Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_lib.save_config(cfg, run_dir / 'config.yaml')

@@ -121,6 +121,29 @@ def register_method(name: str) -> Callable[[Callable[..., Method]], Callable[...
     return deco
 
 
+_DRIVERS: dict[str, Callable[..., Any]] = {}
+
+
+def register_driver(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Registers ``driver(run_cfg, *, progress=None) -> final eval dict`` for ``prune.method``.
+
+    For methods whose training does not fit the single optimizer chain of the default loop
+    (e.g. ATP alternates two optimizers): ``jaxprune.train.train`` (and so ``jaxprune train``)
+    hands such configs to their driver.
+    """
+
+    def deco(driver):
+        _DRIVERS[name] = driver
+        return driver
+
+    return deco
+
+
+def driver_for(name: str) -> Callable[..., Any] | None:
+    """The registered driver of method ``name``, or None (use the default loop)."""
+    return _DRIVERS.get(name)
+
+
 def build_method(prune_cfg: Any, *, run_cfg: Any = None) -> Method:
     """Builds the ``Method`` for ``prune_cfg.method``.
 

@@ -149,3 +149,18 @@ def test_causal_lm_loop_with_lora_reports_perplexity(tiny):
     assert final['perplexity'] == pytest.approx(np.exp(final['loss']), rel=1e-5)
     assert final['count'] > 0 and np.isfinite(final['loss'])
     assert checkpoint.Checkpointer(cfg.checkpoint_dir).all_steps() == [4]  # saved at the end
+
+
+@config.register_prune('_driver_test')
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _DriverCfg(config.PruneCfg):
+    pass
+
+
+def test_registered_driver_takes_over_train(tiny):
+    calls = []
+    train.register_driver('_driver_test')(lambda cfg, progress=None: calls.append(cfg) or {'x': 1})
+    cfg = tiny('prune.method=_driver_test')
+    assert train.train(cfg, progress=False) == {'x': 1}
+    assert calls == [cfg] and not pathlib.Path(cfg.run_dir).exists()
+    assert train.driver_for('none') is None
