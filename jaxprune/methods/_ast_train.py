@@ -1,0 +1,340 @@
+"""AST in the training loop: ``prune.method: ast`` (config + train ``Method``).
+
+How the pieces of ``jaxprune.methods._ast`` map onto the loop's hook (``jaxprune.train._method``):
+
+* **Optimizer state** (:func:`ast_train_transform`, inserted between gradient clipping and the
+  loop's AdamW): ``AstTrainState.masks`` is a dict ``{'weights': N:M masks pytree, 'teacher':
+  frozen dense params (or None), 'step': int32[]}``, so masks and teacher are checkpointed with
+  the optimizer state and reach ``prepare``/``value_and_grad`` (the loop passes the ``masks``
+  field to both). The transform adds the annealed decay of the pruned weights
+  (``masked_weight_decay``, linear ramp 0 -> ``decay`` over ``decay_ramp`` of the steps) and
+  stores the masks used by the step together with the flip rate of the last recompute.
+* **Mask recompute** (``value_and_grad``): every ``update_every`` steps the masks are recomputed
+  from the current (post-update) dense weights' magnitude **before** the forward, so the step
+  trains with the masks that match its weights (the same timing as ``sparsify``: a recompute
+  after update ``10k`` is used from forward ``10k + 1`` on). The new masks reach the transform as
+  the extra argument ``new_masks=``.
+* **Forward** (``prepare``): ``ast_forward_params`` (``W * M`` with a straight-through gradient
+  to all of ``W``); ``model_masks=None``.
+* **Distillation** (``value_and_grad`` + ``loss_extras``): the frozen dense teacher's logits are
+  computed under ``stop_gradient`` and handed to ``loss_extras`` in the batch
+  (``batch['teacher_logits']``), which adds ``kd_weight * T^2 KL(p_t^T || p_s^T)`` to the loop's
+  cross-entropy (AST: ``CE + 0.5 KL``, ``T = 2``).
+* **Flip rate**: ``on_step_end`` appends ``{'event': 'mask', 'flip_rate': ...}`` to the run's
+  ``metrics.jsonl`` after every recompute (the loop logs a fixed set of train keys).
+* **AST-Boosted** (``slorb: true``): needs SLoRB parameters on the model's sparse Linears
+  (:func:`add_slorb`); the loop's model factory does not add them yet, so the trainer path
+  raises and ``bench/ast.py`` builds the boosted model itself.
+
+Deviation: Wanda initial masks (``init_score: wanda``) re-load the model and run a calibration
+pass over ``calib_sequences`` training windows inside ``transforms``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxprune import config as config_lib
+from jaxprune import train as train_lib
+from jaxprune.masks import _nm
+from jaxprune.methods import _ast, _calibrate, _distill
+from jaxprune.scores import _magnitude, _wanda
+from jaxprune.transforms import _decay, _sparsify
+
+_INIT_SCORES = ('magnitude', 'wanda')
+
+
+@config_lib.register_prune('ast')
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AstCfg(config_lib.PruneCfg):
+    """AST: N:M adaptive masks, annealed decay, distillation from the dense model.
+
+    ``target_density`` must equal ``n / m``. ``decay_ramp`` is the fraction of ``train.steps``
+    over which the pruned-weight decay ramps linearly from 0 to ``decay``.
+    """
+
+    target_density: float = 0.5
+    n: int = 2
+    m: int = 4
+    update_every: int = 10
+    decay: float = 6e-5
+    decay_ramp: float = 0.2
+    init_score: str = 'magnitude'
+    calib_sequences: int = 128
+    distill: bool = True
+    temperature: float = 2.0
+    kd_weight: float = 0.5
+    slorb: bool = False
+    slorb_k: int = 16
+    include: str = _nm.DEFAULT_INCLUDE
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.n < self.m:
+            raise ValueError(f'prune.n={self.n}, prune.m={self.m}: need 0 < n < m; e.g. 2 and 4')
+        if abs(self.target_density - self.n / self.m) > 1e-9:
+            raise ValueError(f'prune.target_density={self.target_density} must equal n/m='
+                             f'{self.n / self.m} for AST; set prune.target_density={self.n / self.m}')
+        if self.update_every < 1:
+            raise ValueError(f'prune.update_every={self.update_every} must be >= 1; AST uses 10')
+        if self.decay < 0 or not 0 <= self.decay_ramp <= 1:
+            raise ValueError(f'prune.decay={self.decay} must be >= 0 and prune.decay_ramp='
+                             f'{self.decay_ramp} in [0, 1]; AST uses 6e-5 and 0.2')
+        if self.init_score not in _INIT_SCORES:
+            raise ValueError(f'prune.init_score={self.init_score!r} must be one of {_INIT_SCORES}')
+        if self.calib_sequences < 1 or self.temperature <= 0 or self.kd_weight < 0:
+            raise ValueError(f'prune.calib_sequences={self.calib_sequences} must be >= 1, '
+                             f'prune.temperature={self.temperature} > 0, prune.kd_weight='
+                             f'{self.kd_weight} >= 0')
+        if self.slorb_k < 1:
+            raise ValueError(f'prune.slorb_k={self.slorb_k} must be >= 1; AST uses 16')
+
+
+class AstTrainState(NamedTuple):
+    """State of :func:`ast_train_transform`.
+
+    Attributes:
+      masks: ``{'weights': masks pytree (bool (K, N) / None), 'teacher': frozen dense params
+        (trainable-shaped, SLoRB zeroed) or None, 'step': int32[] updates so far}``.
+      decay_state: state of ``masked_weight_decay``.
+      flip_rate: f32[] fraction of sparse mask entries changed by the most recent recompute.
+    """
+
+    masks: dict[str, Any]
+    decay_state: optax.OptState
+    flip_rate: jax.Array
+
+
+def _is_slorb(path) -> bool:
+    return _nm.path_str(path).endswith('slorb')
+
+
+def ast_train_transform(
+    *,
+    n: int = 2,
+    m: int = 4,
+    update_every: int = 10,
+    decay: float = 6e-5,
+    decay_ramp_steps: int = 0,
+    include: str = _nm.DEFAULT_INCLUDE,
+    init_score_fn: Any = None,
+    keep_teacher: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AST's mask owner for the training loop: annealed decay + masks/teacher in the state.
+
+    .. math::
+        g \leftarrow g + \lambda(t)\,(1 - M) \odot W,\qquad
+        \lambda(t) = \lambda \min(1, t / T_{\text{ramp}})
+
+    ``update(g, state, params, new_masks=None)``: ``new_masks`` are the masks the step's forward
+    used (recomputed by the method every ``update_every`` steps); they become the state's masks
+    and the flip rate is updated on recompute steps. Chain it before AdamW.
+
+    Args:
+      n: kept per group of ``m`` along K.
+      m: group size.
+      update_every: mask recompute period (only used to know when the flip rate changes).
+      decay: final pruned-weight decay :math:`\lambda` (AST: 6e-5).
+      decay_ramp_steps: steps of the linear ramp of :math:`\lambda` (AST: ~20% of training).
+      include: leaf-path regex of the sparse kernels.
+      init_score_fn: scores of the initial masks (default magnitude; Wanda via
+        ``functools.partial(wanda_scores, act_norms=...)``).
+      keep_teacher: keep a frozen copy of the initial params (SLoRB leaves zeroed) as teacher.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`AstTrainState`.
+
+    References:
+      Huang et al., *Pruning Large Language Models with Semi-Structural Adaptive Sparse
+      Training*, AAAI 2025, Sec. 3.
+    """
+    decay_tx = _decay.masked_weight_decay(decay, ramp_steps=decay_ramp_steps or None)
+    score_fn = init_score_fn or _magnitude.magnitude_scores
+    mask_fn = functools.partial(_nm.nm_masks, n=n, m=m, include=include)
+
+    def init_fn(params):
+        weights = mask_fn(score_fn(params))
+        teacher = None
+        if keep_teacher:
+            teacher = jax.tree_util.tree_map_with_path(
+                lambda p, x: jnp.zeros_like(x) if _is_slorb(p) else jnp.copy(x), params)
+        return AstTrainState(
+            masks={'weights': weights, 'teacher': teacher, 'step': jnp.zeros((), jnp.int32)},
+            decay_state=decay_tx.init(params), flip_rate=jnp.zeros((), jnp.float32))
+
+    def update_fn(updates, state, params=None, *, new_masks=None, **extra):
+        del extra
+        if params is None:
+            raise ValueError('ast_train_transform.update needs params= (the decay reads W)')
+        old = state.masks['weights']
+        used = old if new_masks is None else new_masks
+        updates, decay_state = decay_tx.update(updates, state.decay_state, params, masks=used)
+        step = state.masks['step']
+        recomputed = (step > 0) & (step % update_every == 0)
+        flip = jnp.where(recomputed, _sparsify._flip_rate(old, used), state.flip_rate)
+        masks = {**state.masks, 'weights': used, 'step': optax.safe_increment(step)}
+        return updates, AstTrainState(masks, decay_state, flip)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def add_slorb(model: nnx.Module, masks: dict[str, jax.Array] | Any, *, k: int = 16,
+              include: str = _nm.DEFAULT_INCLUDE) -> list[str]:
+    """Adds trainable SLoRB weights ``S`` (:func:`~jaxprune.methods._ast.slorb_init`) to the
+    model's sparse Linears, in place (AST-Boosted).
+
+    Args:
+      model: an NNX model.
+      masks: ``{kernel path: bool[K, N]}`` or a masks pytree over ``nnx.state(model, nnx.Param)``
+        (the initial masks; ``S`` starts as the block mean of the pruned weights).
+      k: SLoRB block size along K.
+      include: leaf-path regex of the sparse kernels.
+
+    Returns:
+      The kernel paths that received a bypass.
+    """
+    if not isinstance(masks, dict) or not all(isinstance(v, jax.Array) for v in masks.values()):
+        flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)[0]
+        masks = {_nm.path_str(p): v for p, v in flat if v is not None}
+    done = []
+    for key, lin in _calibrate._linears(model, include):
+        if key not in masks:
+            continue
+        s = _ast.slorb_init(lin.kernel[...], masks[key], k=k)
+        axes = lin.kernel.get_metadata().get('out_sharding') or (None, None)
+        lin.slorb = nnx.Param(s, out_sharding=(None, axes[1]), eager_sharding=False)
+        lin.slorb_k = k
+        done.append(key)
+    return done
+
+
+def _has_slorb(params: Any) -> bool:
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return any(_is_slorb(p) for p, _ in flat)
+
+
+class AstMethod:
+    """The train ``Method`` of AST (see the module docstring)."""
+
+    def __init__(self, cfg: AstCfg, *, run_cfg: config_lib.RunCfg | None = None,
+                 act_norms: dict[str, jax.Array] | None = None):
+        self.cfg = cfg
+        self.run_cfg = run_cfg
+        self.act_norms = act_norms
+        self.steps = run_cfg.train.steps if run_cfg is not None else 100
+        self.flip_history: list[tuple[int, float]] = []
+
+    # -- optimizer -----------------------------------------------------------------------------
+    def init_score_fn(self):
+        if self.cfg.init_score == 'magnitude':
+            return _magnitude.magnitude_scores
+        if self.act_norms is None:
+            self.act_norms = self._calibrate()
+        return functools.partial(_wanda.wanda_scores, act_norms=self.act_norms,
+                                 include=self.cfg.include)
+
+    def _calibrate(self) -> dict[str, jax.Array]:
+        if self.run_cfg is None:
+            raise ValueError('prune.init_score=wanda needs run_cfg (model and data) or act_norms=')
+        rc = self.run_cfg
+        model, _, tokenizer = train_lib.build_model(rc.model, rc.lora)
+        splits = train_lib.load_splits(rc.data)
+        bs = min(8, self.cfg.calib_sequences)
+        batches = _calibrate.calibration_batches(
+            splits['train'], tokenizer, num_sequences=self.cfg.calib_sequences,
+            seq_len=rc.data.seq_len, batch_size=bs, seed=rc.data.seed + 1)
+        return _calibrate.collect_input_norms(model, batches, include=self.cfg.include)
+
+    def transforms(self, trainable: Any) -> tuple[optax.GradientTransformation, ...]:
+        if self.cfg.slorb and not _has_slorb(trainable):
+            raise ValueError(
+                'prune.slorb=true needs SLoRB parameters on the model (jaxprune.methods.'
+                '_ast_train.add_slorb); the training loop does not add them yet: set '
+                'prune.slorb=false or build the model with add_slorb (see bench/ast.py)')
+        cfg = self.cfg
+        return (ast_train_transform(
+            n=cfg.n, m=cfg.m, update_every=cfg.update_every, decay=cfg.decay,
+            decay_ramp_steps=int(round(cfg.decay_ramp * self.steps)), include=cfg.include,
+            init_score_fn=self.init_score_fn(), keep_teacher=cfg.distill),)
+
+    # -- forward / loss ------------------------------------------------------------------------
+    def prepare(self, trainable, rest, masks):
+        return _ast.ast_forward_params(trainable, masks['weights']), rest, None
+
+    def recompute(self, trainable: Any, masks: dict[str, Any]) -> Any:
+        """The masks for this step: magnitude N:M of the current weights on recompute steps."""
+        cfg = self.cfg
+        step = masks['step']
+
+        def fresh():
+            return _nm.nm_masks(_magnitude.magnitude_scores(trainable), n=cfg.n, m=cfg.m,
+                                include=cfg.include)
+
+        return jax.lax.cond((step > 0) & (step % cfg.update_every == 0), fresh,
+                            lambda: masks['weights'])
+
+    def value_and_grad(self, fn, trainable, rest, batch, masks, rng):
+        weights = self.recompute(trainable, masks)
+        masks = {**masks, 'weights': weights}
+        if self.cfg.distill:
+            graphdef = fn.keywords['graphdef']  # the loop's loss_fn partial carries it
+            teacher = nnx.merge(graphdef, masks['teacher'], rest)
+            t_logits = jax.lax.stop_gradient(_forward(teacher, batch))
+            batch = {**batch, 'teacher_logits': t_logits}
+        (loss, aux), grads = jax.value_and_grad(fn, has_aux=True)(
+            trainable, rest, batch, masks, rng)
+        return (loss, aux), grads, {'new_masks': weights}
+
+    def loss_extras(self, trainable, out, batch):
+        del trainable
+        if 'teacher_logits' not in batch:
+            return jnp.zeros((), jnp.float32), {}
+        valid = batch['labels'] >= 0
+        if 'attention_mask' in batch and out.ndim == 3:
+            valid = valid & (batch['attention_mask'] > 0)
+        kd = _distill.kl_distill(out, batch['teacher_logits'], temperature=self.cfg.temperature,
+                                 mask=valid)
+        return self.cfg.kd_weight * kd, {'kd': kd}
+
+    # -- host side -----------------------------------------------------------------------------
+    def on_step_end(self, step: int, state: train_lib.LoopState) -> train_lib.LoopState:
+        every = self.cfg.update_every
+        if step > 1 and (step - 1) % every == 0:
+            flip = float(optax.tree.get(state.state.opt_state, 'flip_rate'))
+            self.flip_history.append((step, flip))
+            if self.run_cfg is not None:
+                path = pathlib.Path(self.run_cfg.run_dir) / 'metrics.jsonl'
+                if path.parent.is_dir():
+                    rec = {'event': 'mask', 'step': int(step), 'time': time.time(),
+                           'flip_rate': flip}
+                    with path.open('a') as f:
+                        f.write(json.dumps(rec) + '\n')
+        return state
+
+
+def _forward(model, batch):
+    if 'attention_mask' in batch:
+        return model(batch['input_ids'], batch['attention_mask'])
+    return model(batch['input_ids'])
+
+
+@train_lib.register_method('ast')
+def build_ast(cfg: AstCfg, *, run_cfg: config_lib.RunCfg | None = None) -> AstMethod:
+    """Builds the AST train ``Method`` for ``prune.method: ast``."""
+    return AstMethod(cfg, run_cfg=run_cfg)
+
+
+def final_masks(opt_state: optax.OptState) -> Any:
+    """The N:M masks pytree of an AST run (``optax.tree.get(opt_state, 'masks')['weights']``)."""
+    return optax.tree.get(opt_state, 'masks')['weights']
+
