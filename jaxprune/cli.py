@@ -1,11 +1,13 @@
-"""Command line: ``jaxprune train|eval|assets``. Thin by design; the work lives in the library.
+"""Command line: ``jaxprune train|eval|plot|assets``. Thin by design; the work lives in the library.
 
   jaxprune train CONFIG [key.sub=value ...]      train (resumes from run_dir checkpoints)
   jaxprune eval CONFIG|RUN_DIR [key=value ...]   exact validation metrics of the latest checkpoint
+  jaxprune plot RUN_DIR                          PNGs of a run's metrics into RUN_DIR/plots
   jaxprune assets list                           known asset names
   jaxprune assets fetch NAME [NAME ...]          download + cache assets, print their paths
 
-Config errors exit with status 2 and one line on stderr (no traceback; set JAXPRUNE_DEBUG=1
+Multi-host: ``JAXPRUNE_DISTRIBUTED``/``JAXPRUNE_COORDINATOR`` start ``jax.distributed`` before
+anything else touches JAX (see launch/README.md). Config errors exit with status 2 and one line on stderr (no traceback; set JAXPRUNE_DEBUG=1
 for one).
 """
 
@@ -29,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument('overrides', nargs='*', help='dotted overrides, e.g. train.steps=200')
         if name == 'eval':
             sp.add_argument('--split', default='validation')
+    plot = sub.add_parser('plot', help="write PNGs from a run's metrics.jsonl")
+    plot.add_argument('run_dir')
     assets = sub.add_parser('assets', help='list or fetch cached assets')
     asub = assets.add_subparsers(dest='assets_command', required=True)
     asub.add_parser('list', help='known asset names')
@@ -51,6 +55,10 @@ def _load(path: str, overrides: Sequence[str]):
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == 'plot':
+        from jaxprune import plot
+
+        return plot.main([args.run_dir])
     if args.command == 'assets':
         from jaxprune import assets
 
@@ -61,6 +69,9 @@ def _run(args: argparse.Namespace) -> int:
             for name in args.names:
                 print(f'{name}\t{assets.fetch(name)}')
         return 0
+    from jaxprune import distributed
+
+    distributed.maybe_initialize()  # before anything starts a JAX backend
     cfg = _load(args.config, args.overrides)
     from jaxprune import train
 

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxprune import config as config_lib
+from jaxprune import distributed
 from jaxprune.train import _data, _factory, _method, _metrics, _step
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,17 @@ def _batch_sharding(mesh, batch_size):
 
 
 def _place(batch: dict[str, np.ndarray], sh) -> dict[str, jax.Array]:
-    return {k: jax.device_put(np.asarray(v), sh) for k, v in batch.items()}
+    """Puts a global host batch on the mesh; with several processes each feeds only its rows.
+
+    Every process builds the same global batch (the data pipeline is deterministic given the
+    seed), so slicing it by ``host_batch_slice`` is per-host data sharding without coordination.
+    """
+    if jax.process_count() == 1:
+        return {k: jax.device_put(np.asarray(v), sh) for k, v in batch.items()}
+    size = len(next(iter(batch.values())))
+    lo, hi = distributed.host_batch_slice(size, sharding=sh)
+    local = {k: np.asarray(v)[lo:hi] for k, v in batch.items()}
+    return distributed.global_batch_from_host(local, sh.mesh, sh, global_batch_size=size)
 
 
 def evaluate_state(s: Setup, *, split: str = 'validation') -> dict[str, float]:
@@ -166,7 +177,8 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
         return driver(cfg, progress=progress)
     run_dir = pathlib.Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.save_config(cfg, run_dir / 'config.yaml')
+    if jax.process_index() == 0:  # one writer per run directory
+        config_lib.save_config(cfg, run_dir / 'config.yaml')
     s = setup(cfg, mesh=mesh)
     tcfg, task = cfg.train, cfg.model.task
     ckpts = _checkpointer(cfg)

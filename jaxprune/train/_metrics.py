@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 import sys
 import time
 from typing import Any
+
+import jax
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +32,10 @@ class MetricsLogger:
                  progress: bool | None = None):
         self.path = pathlib.Path(run_dir) / 'metrics.jsonl'
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open('a')
+        # In a multi-process run only process 0 writes; the others log to nowhere.
+        self._file = self.path.open('a') if jax.process_index() == 0 else open(os.devnull, 'w')
+        if jax.process_index() != 0:
+            progress = False
         self._progress = None
         self._task = None
         if progress is None:
