@@ -117,7 +117,7 @@ class AtpCfg(config_lib.PruneCfg):
             self.lasso_init, self.lasso_every, self.lasso_growth, end_value=self.lasso_max)
 
     def control_steps(self, steps: int) -> int:
-        return int(round(self.control_fraction * steps))
+        return round(self.control_fraction * steps)
 
 
 def _atp_method_builder(prune_cfg, *, run_cfg=None):
@@ -249,7 +249,7 @@ def export(model: nnx.Module, masks: Any) -> tuple[dict[str, Any], Any, dict[str
     counts = {
         'prunable': int(_density.prunable_params(dims)),
         'kept': _dims.projection_param_count(compact),
-        'kept_by_density': int(round(float(_density.kept_params(masks, dims)))),
+        'kept_by_density': round(float(_density.kept_params(masks, dims))),
         'total': _dims.param_count(compact),
     }
     if counts['kept'] != counts['kept_by_density']:
@@ -364,7 +364,7 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
 
     pcfg, tcfg, dcfg = run_cfg.prune, run_cfg.train, run_cfg.data
     if not isinstance(pcfg, AtpCfg):
-        raise ValueError(f'prune.method={pcfg.method!r}; train_atp needs prune.method=atp')
+        raise TypeError(f'prune.method={pcfg.method!r}; train_atp needs prune.method=atp')
     if run_cfg.model.task != 'causal_lm':
         raise ValueError(f'model.task={run_cfg.model.task!r}; ATP here supports causal_lm')
     if not run_cfg.lora.enabled:
@@ -377,7 +377,7 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
     config_lib.save_config(run_cfg, run_dir / 'config.yaml')
     model, arch, tokenizer = train.build_model(run_cfg.model, run_cfg.lora)
     if not isinstance(arch, models.LlamaConfig):
-        raise ValueError(f'model.name_or_path={run_cfg.model.name_or_path!r} is not a Llama; '
+        raise TypeError(f'model.name_or_path={run_cfg.model.name_or_path!r} is not a Llama; '
                          'ATP masks here are defined for Llama-family decoders')
     dims = _density.layer_dims(arch)
     graphdef, trainable, frozen = nnx.split(model, lora.trainable_filter(), ...)
