@@ -128,8 +128,20 @@ class Linear(nnx.Module):
         rank_mask: Float[Array, ' r'] | None = None,
         lora_aware: bool = False,
     ) -> Float[Array, '... N']:
-        kernel = self.kernel[...]
         xm = x if in_mask is None else x * in_mask.astype(x.dtype)
+        # Optional extras, all attached after construction (absent = the plain layer):
+        # ``input_gram`` (calibration, jaxprune.methods._calibrate) accumulates X^T X of the inputs;
+        # ``sparse24_values``/``sparse24_meta`` (jaxprune.methods._ast_infer) replace the dense
+        # kernel by a compressed 2:4 one; ``slorb`` (AST-Boosted) adds (P x) S, P summing blocks of
+        # ``slorb_k`` input channels.
+        gram = getattr(self, 'input_gram', None)
+        if gram is not None:
+            x2 = xm.reshape(-1, xm.shape[-1]).astype(jnp.float32)
+            gram[...] = gram[...] + x2.T @ x2
+        packed = getattr(self, 'sparse24_values', None)
+        if packed is not None:
+            return self._sparse24_call(xm, out_mask)
+        kernel = self.kernel[...]
         lora = None
         if self.lora_rank:
             a = self.lora_a[...]
@@ -141,12 +153,37 @@ class Linear(nnx.Module):
             else:
                 kernel = kernel + self.lora_scale * (a @ b)
         y = xm @ kernel
+        y = self._slorb(xm, y)
         if self.bias is not None:
             y = y + self.bias[...]
         if out_mask is not None:
             y = y * out_mask.astype(y.dtype)
         if lora is not None:
             y = y + lora
+        return y
+
+    def _slorb(self, xm: jax.Array, y: jax.Array) -> jax.Array:
+        s = getattr(self, 'slorb', None)
+        if s is None:
+            return y
+        k = int(self.slorb_k)
+        px = xm.reshape(*xm.shape[:-1], xm.shape[-1] // k, k).sum(-1)
+        return y + (px @ s[...]).astype(y.dtype)
+
+    def _sparse24_call(self, xm: jax.Array, out_mask: jax.Array | None) -> jax.Array:
+        from jaxprune.kernels import sparse24
+
+        if self.lora_rank:
+            raise ValueError('a compressed 2:4 Linear cannot carry LoRA; merge LoRA before '
+                             'compressing (jaxprune.methods._ast_infer)')
+        s = sparse24.Sparse24(self.sparse24_values[...], self.sparse24_meta[...])
+        impl = getattr(self, 'sparse24_impl', None)
+        y = sparse24.sparse24_matmul(xm, s, implementation=impl)
+        y = self._slorb(xm, y)
+        if self.bias is not None:
+            y = y + self.bias[...]
+        if out_mask is not None:
+            y = y * out_mask.astype(y.dtype)
         return y
 
 
