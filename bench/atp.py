@@ -133,16 +133,22 @@ def _taylor_keep(model, batches, density, criterion):
     return {k: np.asarray(v) for k, v in keep.items()}
 
 
-def _latency(fn, params, batch, seq, reps, vocab):
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, vocab, (batch, seq)), jnp.int32)
-    f = jax.jit(fn)
-    jax.block_until_ready(f(params, ids))
-    times = []
+def _latencies(fns, batch_sizes, seq, reps, vocab):
+    """Median forward seconds per (name, batch); models interleaved rep by rep (shared CPU)."""
+    rng = np.random.default_rng(0)
+    ids = {b: jnp.asarray(rng.integers(0, vocab, (b, seq)), jnp.int32) for b in batch_sizes}
+    jitted = {name: jax.jit(fn) for name, (fn, _) in fns.items()}
+    for name, (_, params) in fns.items():
+        for b in batch_sizes:
+            jax.block_until_ready(jitted[name](params, ids[b]))  # compile + warm up
+    times = {(name, b): [] for name in fns for b in batch_sizes}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(params, ids))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for name, (_, params) in fns.items():
+            for b in batch_sizes:
+                t0 = time.perf_counter()
+                jax.block_until_ready(jitted[name](params, ids[b]))
+                times[(name, b)].append(time.perf_counter() - t0)
+    return {name: {b: float(np.median(times[(name, b)])) for b in batch_sizes} for name in fns}
 
 
 def _llama_latency_fn(model):
@@ -162,7 +168,7 @@ def main(argv=None) -> dict:
     p.add_argument('--eval-batches', type=int, default=16)
     p.add_argument('--calib-batches', type=int, default=4)
     p.add_argument('--criterion', choices=('taylor', 'magnitude'), default='taylor')
-    p.add_argument('--reps', type=int, default=5)
+    p.add_argument('--reps', type=int, default=7)
     p.add_argument('--run-dir', default='/tmp/jaxprune_bench_atp')
     p.add_argument('--out', default=None)
     args = p.parse_args(argv)
@@ -185,15 +191,12 @@ def main(argv=None) -> dict:
 
     step_tokens = dcfg.batch_size * dcfg.seq_len
     rows = {}
-    lat = {}
 
     # Pretrained (no fine-tuning), for reference.
     base, _, _ = train.build_model(cfg.model, cfg.lora)
     rows['pretrained'] = {'eval': _atp_train.evaluate_lm(_model_apply(base), eval_b),
                           'kept': prunable, 'train_s': 0.0, 'tokens': 0}
-    fn, st = _llama_latency_fn(_merged_plain(base))
-    lat['pretrained'] = lat['dense LoRA'] = {
-        b: _latency(fn, st, b, dcfg.seq_len, args.reps, arch.vocab_size) for b in (1, 8)}
+    lat_fns = {'dense LoRA': _llama_latency_fn(_merged_plain(base))}  # shapes = pretrained
     print(f"pretrained ppl {rows['pretrained']['eval']['perplexity']:.3f}", file=sys.stderr)
 
     # Dense LoRA.
@@ -218,9 +221,7 @@ def main(argv=None) -> dict:
         'eval': _atp_train.evaluate_lm(_model_apply(model), eval_b), 'kept': kept,
         'train_s': secs + score_s, 'score_s': score_s, 'tokens': args.steps * step_tokens,
         'calibration_tokens': args.calib_batches * step_tokens, 'criterion': args.criterion}
-    fn, st = _llama_latency_fn(_merged_plain(model))
-    lat['two-stage'] = {b: _latency(fn, st, b, dcfg.seq_len, args.reps, arch.vocab_size)
-                        for b in (1, 8)}
+    lat_fns['two-stage'] = _llama_latency_fn(_merged_plain(model))
     print(f"two-stage ppl {rows['two-stage']['eval']['perplexity']:.3f}", file=sys.stderr)
     del model
 
@@ -234,8 +235,9 @@ def main(argv=None) -> dict:
     def compact_fn(c, ids):
         return _dims.compact_forward(c, ids, config=run.compact_config)
 
-    lat['ATP'] = {b: _latency(compact_fn, run.compact, b, dcfg.seq_len, args.reps,
-                              arch.vocab_size) for b in (1, 8)}
+    lat_fns['ATP'] = (compact_fn, run.compact)
+    lat = _latencies(lat_fns, (1, 8), dcfg.seq_len, args.reps, arch.vocab_size)
+    lat['pretrained'] = lat['dense LoRA']
 
     dense_ppl = rows['dense LoRA']['eval']['perplexity']
     table = []
