@@ -227,11 +227,13 @@ class AstMethod:
     """The train ``Method`` of AST (see the module docstring)."""
 
     def __init__(self, cfg: AstCfg, *, run_cfg: config_lib.RunCfg | None = None,
-                 act_norms: dict[str, jax.Array] | None = None):
+                 act_norms: dict[str, jax.Array] | None = None, steps: int | None = None):
         self.cfg = cfg
         self.run_cfg = run_cfg
         self.act_norms = act_norms
-        self.steps = run_cfg.train.steps if run_cfg is not None else 100
+        if steps is None:
+            steps = run_cfg.train.steps if run_cfg is not None else 100
+        self.steps = steps
         self.flip_history: list[tuple[int, float]] = []
 
     # -- optimizer -----------------------------------------------------------------------------
