@@ -177,6 +177,28 @@ def budget_structures(structures: Any, shapes: dict, *, count_embeddings: bool) 
     return tuple(out)
 
 
+def rebuild_model(model: nnx.Module, config: Any, params: Any) -> nnx.Module:
+    """``surgery.rebuild_model`` without running the initializers (``nnx.eval_shape``).
+
+    Same result (params from ``params``, every adapter keeps its ``lora_scale``), but no random
+    init is compiled and run for the new shapes, which dominates a pruning step otherwise.
+    """
+    from jaxprune.surgery import _prune
+
+    spec = _prune._lora_spec_from_params(params)
+    scales = _prune._lora_scales(model)
+    dtype = jax.tree.leaves(params)[0].dtype
+    new = nnx.eval_shape(
+        lambda: type(model)(config, lora=spec, param_dtype=dtype, rngs=nnx.Rngs(0))
+    )
+    for path, scale in scales.items():
+        _prune._get_module(new, path).lora_scale = scale
+    state = nnx.state(new, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(new, state)
+    return new
+
+
 def _pure(tree: Any) -> Any:
     return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
 
@@ -376,11 +398,17 @@ class AptMethod:
         return batch
 
     def _logits(self, model, masks) -> np.ndarray:
-        b = self._probe()
-        mm = self.model_masks(masks)
-        if 'attention_mask' in b:
-            return np.asarray(model(b['input_ids'], b['attention_mask'], masks=mm))
-        return np.asarray(model(b['input_ids'], masks=mm))
+        graphdef, st = nnx.split(model)
+        mm = self.model_masks({'units': masks['units'], 'rank': masks['rank']})
+
+        @jax.jit
+        def fwd(st, mm, b):
+            m = nnx.merge(graphdef, st)
+            if 'attention_mask' in b:
+                return m(b['input_ids'], b['attention_mask'], masks=mm)
+            return m(b['input_ids'], masks=mm)
+
+        return np.asarray(fwd(st, mm, self._probe()))
 
     def pruning_step(
         self, count: int, state: train_lib.LoopState, *, step: int | None = None
@@ -399,9 +427,18 @@ class AptMethod:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         arch = self.arch
         if self.cfg.compaction:
-            arch, params = surgery.prune(self.arch, params, keep, structures=self.structures)
-            opt_state = surgery.prune_like(opt_state, keep, self.structures, self.shapes)
-            opt_state = surgery.prune_units(opt_state, keep, self.structures)
+            arch = surgery.pruned_config(self.arch, keep, self.structures)
+            # One jitted gather program per tree instead of one eager compile per leaf shape.
+            params = jax.jit(
+                lambda p: surgery.prune(None, p, keep, structures=self.structures)[1]
+            )(params)
+            opt_state = jax.jit(
+                lambda o: surgery.prune_units(
+                    surgery.prune_like(o, keep, self.structures, self.shapes),
+                    keep,
+                    self.structures,
+                )
+            )(opt_state)
         masks = optax.tree.get(opt_state, 'masks')
         ranks, rank_ema = masks['rank'], optax.tree.get(opt_state, 'rank_ema')
         bucket = self.bucket
@@ -410,7 +447,7 @@ class AptMethod:
                 count, params, opt_state, ranks, rank_ema
             )
         if self.cfg.compaction or bucket != self.bucket:
-            model = surgery.rebuild_model(model, arch, params)
+            model = rebuild_model(model, arch, params)
         else:
             pstate = nnx.state(model, nnx.Param)
             nnx.replace_by_pure_dict(pstate, params)
@@ -522,7 +559,7 @@ class AptMethod:
             return model, self.arch, masks['rank']
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         arch, params = surgery.prune(self.arch, params, keep, structures=self.structures)
-        return surgery.rebuild_model(model, arch, params), arch, masks['rank']
+        return rebuild_model(model, arch, params), arch, masks['rank']
 
     def export(self, state: train_lib.LoopState, path: pathlib.Path) -> dict[str, Any]:
         """Writes the final pruned model (see ``methods._apt_export.save_pruned``)."""

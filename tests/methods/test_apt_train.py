@@ -1,0 +1,201 @@
+"""APT in the training loop: compaction invariants, budget, no revival, CLI end to end."""
+
+import dataclasses
+import json
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxprune.methods import _apt_train  # registers prune.method=apt  # isort: skip
+from jaxprune import config, surgery
+from jaxprune.masks import _budget
+from jaxprune.methods import _apt_export
+from jaxprune.models import _bert, _structures
+from jaxprune.train import _loop, _method
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+APT_TINY = ROOT / 'configs' / 'apt_tiny.yaml'
+
+
+def _cfg(tmp_path, *extra):
+    return config.load_config(
+        APT_TINY, [f'run_dir={tmp_path}', 'prune.export_dir=null', *extra]
+    )
+
+
+def _random_keep(structures, seed, p=0.6):
+    rng = np.random.default_rng(seed)
+    keep = {}
+    for s in structures:
+        k = rng.random(s.size) < p
+        k[rng.integers(s.size)] = True  # no empty structure (surgery keeps a zeroed unit then)
+        keep[(s.kind, s.layer)] = k
+    return keep
+
+
+def test_apt_cfg_registered_and_validates():
+    cfg = config.load_config(APT_TINY)
+    assert isinstance(cfg.prune, _apt_train.AptCfg)
+    assert cfg.prune.target_density == 0.4 and cfg.prune.num_pruning_steps == 3
+    with pytest.raises(ValueError, match='prune.beta'):
+        config.load_config(APT_TINY, ['prune.beta=1.5'])
+    with pytest.raises(ValueError, match='unknown config key'):
+        config.load_config(APT_TINY, ['prune.pruning_stepz=3'])
+
+
+def test_budget_structures_matches_reference():
+    arch = _bert.BertConfig.tiny()
+    structs = _structures.structures(arch)
+    shapes = _budget.param_shapes(nnx.to_pure_dict(_structures.abstract_params(arch)))
+    got = {(s.kind, s.layer): s for s in
+           _apt_train.budget_structures(structs, shapes, count_embeddings=False)}
+    # Reference: a hidden dim owns one row/column of every non-embedding tensor with an embed
+    # axis: per layer q/k/v/up kernels (D x N) contribute N, out/down kernels contribute K,
+    # biases of out/down and two LayerNorms (scale + bias) contribute 1 each; plus the pooler row.
+    d, f, hn = arch.hidden_size, arch.intermediate_size, arch.num_heads * arch.head_dim
+    per_layer = 3 * hn + hn + 1 + f + f + 1 + 2 * 2
+    ref_hidden = arch.num_layers * per_layer + arch.pooler_size + 2  # + embed_norm scale/bias
+    assert got[('hidden', None)].params_per_unit == ref_hidden
+    assert all(sl.path[0] not in _apt_train.EMBEDDING_MODULES
+               for s in got.values() for sl in s.slices)
+    full = {(s.kind, s.layer): s for s in structs}
+    assert got[('heads', 0)] == full[('heads', 0)]  # heads/neurons own no embedding slices
+    del d
+
+
+@pytest.mark.parametrize('count_embeddings', [False, True])
+def test_param_count_after_surgery_equals_budget_prediction(count_embeddings):
+    arch = _bert.BertConfig.tiny()
+    model = _bert.BertForSequenceClassification(arch, rngs=nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    structs = _structures.structures(arch)
+    shapes = _budget.param_shapes(params)
+    bstructs = _apt_train.budget_structures(structs, shapes, count_embeddings=count_embeddings)
+    keep = _random_keep(structs, seed=1)
+    predicted = int(_budget.kept_param_count(keep, bstructs, shapes))
+    new_arch, new_params = surgery.prune(arch, params, keep, structures=structs)
+    new_shapes = _budget.param_shapes(new_params)
+    new_b = _apt_train.budget_structures(
+        _structures.structures(new_arch), new_shapes, count_embeddings=count_embeddings)
+    assert _budget.total_prunable_params(new_b, new_shapes) == predicted
+    if count_embeddings:  # everything outside the budget is untouched by surgery
+        total = sum(math.prod(s) for s in shapes.values())
+        new_total = sum(math.prod(s) for s in new_shapes.values())
+        unbudgeted = total - _budget.total_prunable_params(bstructs, shapes)
+        assert new_total == unbudgeted + predicted
+
+
+def test_mask_transform_never_revives_dead_units(tmp_path):
+    cfg = _cfg(tmp_path, 'train.steps=12', 'prune.num_pruning_steps=2')
+    method = _method.build_method(cfg.prune, run_cfg=cfg)
+    tx = method.transform()
+    params = {'w': jnp.zeros(3)}
+    state = tx.init(params)
+    rng = np.random.default_rng(0)
+    update = jax.jit(lambda s, sal: tx.update(params, s, params, salience=sal)[1])
+    dead = None
+    for _ in range(12):
+        sal = {(s.kind, s.layer): jnp.asarray(rng.random(s.size), jnp.float32)
+               for s in method.budget_structures}
+        state = update(state, sal)
+        alive = {k: np.asarray(v) for k, v in state.alive.items()}
+        if dead is not None:  # a unit that died stays dead with mask 0
+            for k in alive:
+                assert not np.any(alive[k] & dead[k])
+                assert np.all(np.asarray(state.masks['units'][k])[dead[k]] == 0)
+        dead = {k: ~v for k, v in alive.items()}
+    assert int(state.prune_count) == 12
+    assert any(d.any() for d in dead.values())  # the test pruned something
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_pruning_step_compacted_equals_masked(tmp_path, seed):
+    """Hard masks -> surgery: logits equal (atol 1e-5), params match the budget, ranks grow."""
+    cfg = _cfg(tmp_path, 'train.steps=12', 'prune.num_pruning_steps=2')
+    s = _loop.setup(cfg)
+    method = s.method
+    opt_state = s.state.opt_state
+    keep = _random_keep(method.structures, seed)
+    masks = optax.tree.get(opt_state, 'masks')
+    units = {k: jnp.asarray(v, jnp.float32) for k, v in keep.items()}
+    opt_state = optax.tree.set(opt_state, masks={**masks, 'units': units})
+    ts = s.state._replace(opt_state=opt_state)
+    # Make the adapters non-trivial so the masked/compacted comparison covers LoRA too.
+    trainable = jax.tree.map(
+        lambda x: x + 0.05 * jax.random.normal(jax.random.key(seed), x.shape, x.dtype),
+        ts.trainable)
+    ts = ts._replace(trainable=trainable)
+    model = nnx.merge(s.graphdef, ts.trainable, s.rest)
+    batch = method._probe()
+    masked = model(batch['input_ids'], batch['attention_mask'],
+                   masks=method.model_masks({'units': units, 'rank': masks['rank']}))
+    old_ranks = {k: int(np.sum(np.asarray(v) > 0)) for k, v in masks['rank'].items()}
+    count = method.steps[0]
+    new = method.pruning_step(count, _method.LoopState(s.graphdef, ts, s.rest))
+    assert new.graphdef is not s.graphdef  # shapes changed: the loop re-jits
+    new_masks = optax.tree.get(new.state.opt_state, 'masks')
+    compacted = nnx.merge(new.graphdef, new.state.trainable, new.rest)(
+        batch['input_ids'], batch['attention_mask'], masks=method.model_masks(new_masks))
+    np.testing.assert_allclose(np.asarray(compacted), np.asarray(masked), atol=1e-5)
+    assert method.events[-1]['compaction_max_abs_diff'] <= 1e-5
+    # Physical size == budget prediction on the original model.
+    predicted = int(_budget.kept_param_count(
+        keep, _apt_train.budget_structures(
+            _structures.structures(_bert.BertConfig.tiny(vocab_size=264)),
+            _budget.param_shapes(nnx.to_pure_dict(_structures.abstract_params(
+                _bert.BertConfig.tiny(vocab_size=264)))), count_embeddings=False),
+        _budget.param_shapes(nnx.to_pure_dict(_structures.abstract_params(
+            _bert.BertConfig.tiny(vocab_size=264))))))
+    assert _budget.total_prunable_params(method.budget_structures, method.shapes) == predicted
+    assert method.events[-1]['density'] == pytest.approx(predicted / method.budget_base)
+    # Adam moments and the teacher snapshot were sliced like the params.
+    nu = optax.tree.get(new.state.opt_state, 'nu')
+    assert jax.tree.map(jnp.shape, nu) == jax.tree.map(jnp.shape, new.state.trainable)
+    teacher = new_masks['teacher']
+    assert jax.tree.map(jnp.shape, teacher) == jax.tree.map(jnp.shape, new.state.trainable)
+    # Ranks grew for some adapters and never shrank; none exceeds max_rank.
+    ranks = {k: int(np.sum(np.asarray(v) > 0)) for k, v in new_masks['rank'].items()}
+    assert all(ranks[k] >= old_ranks[k] for k in ranks)
+    assert any(ranks[k] > old_ranks[k] for k in ranks)
+    assert max(ranks.values()) <= cfg.prune.max_rank
+
+
+@pytest.fixture(scope='module')
+def cli_run(tmp_path_factory):
+    from jaxprune import cli
+
+    run_dir = tmp_path_factory.mktemp('apt_cli')
+    rc = cli.main(['train', str(APT_TINY), f'run_dir={run_dir}', 'train.steps=12',
+                   'prune.num_pruning_steps=2', 'train.log_every=4'])
+    assert rc == 0
+    return run_dir
+
+
+@pytest.mark.slow
+def test_cli_train_end_to_end(cli_run):
+    events = [json.loads(x) for x in (cli_run / 'metrics.jsonl').read_text().splitlines()]
+    prune = [e for e in events if e['event'] == 'prune']
+    assert [e['prune_count'] for e in prune] == [4, 9]  # pruning_steps(12, 2, end=0.75)
+    for e in prune:
+        assert e['compaction_max_abs_diff'] <= 1e-5  # compacted == masked at each step
+        assert e['density'] <= e['target_density'] + 1e-6
+        assert len(e['kept_heads']) == len(e['kept_mlp']) == len(e['lora_ranks']) == 2
+    assert prune[-1]['density'] == pytest.approx(0.4, abs=0.05)
+    # No revival: kept counts never increase from one pruning step to the next.
+    for a, b in zip(prune, prune[1:]):
+        assert all(y <= x for x, y in zip(a['kept_heads'] + a['kept_mlp'],
+                                          b['kept_heads'] + b['kept_mlp']))
+        assert b['hidden'] <= a['hidden']
+    assert prune[-1]['recompiles'] == 2
+    final = [e for e in events if e['event'] == 'eval'][-1]
+    assert final['step'] == 12 and 0.0 <= final['accuracy'] <= 1.0
+    model, arch = _apt_export.load_pruned(cli_run / 'pruned')
+    assert [arch.heads(i) for i in range(2)] == prune[-1]['kept_heads']
+    assert [arch.mlp(i) for i in range(2)] == prune[-1]['kept_mlp']
+    assert dataclasses.replace(arch).hidden_size == prune[-1]['hidden']
