@@ -28,7 +28,7 @@ COLAB = 'https://colab.research.google.com/github/jaxprune/jaxprune/blob/main/no
 INSTALL = 'jaxprune @ git+https://github.com/jaxprune/jaxprune'
 SMOKE_VAR = 'JAXPRUNE_NOTEBOOK_SMOKE'
 CELL_TIMEOUT_S = 900  # a cell that trains (smoke mode) takes < 1 min alone, minutes on a busy CPU
-_CODE_CELL = re.compile(r'^```\{code-cell\}[^\n]*\n(.*?)^```[ \t]*$', re.S | re.M)
+_CODE_CELL = re.compile(r'^```\{code-cell\}[^\n]*\n(.*?)^```[ \t]*$', re.DOTALL | re.MULTILINE)
 
 
 def _source(cell) -> str:
@@ -85,8 +85,7 @@ def test_notebook_has_colab_badge_install_cell_and_smoke_mode(name):
 
 @pytest.mark.parametrize('name', NOTEBOOKS)
 def test_notebook_ipynb_matches_md_pair(name):
-    ipynb_code = [_source(c).strip('\n') for c in _ipynb(name)['cells']
-                  if c['cell_type'] == 'code']
+    ipynb_code = [_source(c).strip('\n') for c in _ipynb(name)['cells'] if c['cell_type'] == 'code']
     md_code = _md_code_cells(name)
     assert len(md_code) == len(ipynb_code), f'{name}: {len(md_code)=} != {len(ipynb_code)=}'
     for i, (a, b) in enumerate(zip(md_code, ipynb_code, strict=True)):
@@ -97,7 +96,8 @@ def test_md_code_cell_parser_reads_options_and_bodies(tmp_path, monkeypatch):
     # Guards the pairing test against a parser that silently finds nothing.
     (tmp_path / 'x.md').write_text(
         '# t\n\n```{code-cell} ipython3\n:tags: [hide]\na = 1\n\nb = 2\n```\n\ntext\n\n'
-        '```python\nnot a cell\n```\n\n```{code-cell} ipython3\nprint(a)\n```\n')
+        '```python\nnot a cell\n```\n\n```{code-cell} ipython3\nprint(a)\n```\n'
+    )
     monkeypatch.setattr(sys.modules[__name__], 'NOTEBOOK_DIR', tmp_path)
     assert _md_code_cells('x') == ['a = 1\n\nb = 2', 'print(a)']
 
@@ -113,15 +113,23 @@ def test_notebook_executes_in_smoke_mode(name, tmp_path, monkeypatch):
     monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
     monkeypatch.setenv('JAXPRUNE_CACHE', str(tmp_path / 'cache'))  # smoke mode fetches nothing
     monkeypatch.delenv('XLA_FLAGS', raising=False)  # one device, as on Colab
-    monkeypatch.setenv('PYTHONPATH', os.pathsep.join(
-        [str(NOTEBOOK_DIR.parent)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep)
-                                      if p]))
+    monkeypatch.setenv(
+        'PYTHONPATH',
+        os.pathsep.join(
+            [str(NOTEBOOK_DIR.parent)]
+            + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]
+        ),
+    )
     nb = nbformat.read(NOTEBOOK_DIR / f'{name}.ipynb', as_version=4)
     client = nbclient.NotebookClient(
-        nb, timeout=CELL_TIMEOUT_S, kernel_name='python3',
-        resources={'metadata': {'path': str(tmp_path)}})
+        nb,
+        timeout=CELL_TIMEOUT_S,
+        kernel_name='python3',
+        resources={'metadata': {'path': str(tmp_path)}},
+    )
     client.execute()  # raises CellExecutionError naming the failing cell
-    errors = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs
-              if o.output_type == 'error']
+    errors = [
+        o for c in nb.cells if c.cell_type == 'code' for o in c.outputs if o.output_type == 'error'
+    ]
     assert not errors
     assert not (tmp_path / 'cache').exists(), 'smoke mode must not download assets'
