@@ -13,6 +13,7 @@ orientation, so 2:4 runs along ``in`` = our K) and :func:`load_sparse24` reads i
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import pathlib
@@ -220,7 +221,13 @@ def export_sparse24(model: nnx.Module, config: Any, masks: Any, path: str | path
 
     md = mask_dict(masks)
     path = pathlib.Path(path)
-    _hf.save_pretrained(model, config, path)
+    plain = copy.deepcopy(model)  # the HF rule table knows no SLoRB: write it separately below
+    for _, lin in _calibrate._linears(plain, '.'):
+        if getattr(lin, 'slorb', None) is not None:
+            del lin.slorb
+            del lin.slorb_k
+    _hf.save_pretrained(plain, config, path)
+    del plain
     tensors = st_numpy.load_file(str(path / 'model.safetensors'))
     keys = _hf_keys(config, md)
     slorb_k = None
