@@ -20,18 +20,24 @@ prunable), inference latency ratio to dense (jitted forward, batch 1 and 8 x seq
 includes its generator steps). Prints a table and writes JSON (``bench/results/atp_<model>.json``).
 
   python bench/atp.py --model tiny --steps 20          # smoke run, ~2 min on CPU
-  python bench/atp.py --steps 100                      # SmolLM2-135M (CPU: ~40+ min)
+  python bench/atp.py --steps 30 --eval-batches 8     # SmolLM2-135M (shared 2-core CPU: ~40 min)
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+# Other benchmarks live next to this file (bench/ast.py would shadow the stdlib ``ast`` module
+# that numpy imports), so drop the script directory from the import path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
 import argparse
 import datetime
 import json
-import os
 import pathlib
 import platform
-import sys
 import time
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
