@@ -13,7 +13,7 @@ This does not fit the trainer's single optax chain, so :func:`train_atp` is a de
 built from the trainer's pieces (model factory, data splits, eval batches, ``loss_sums``,
 ``MetricsLogger``, ``Checkpointer``). After the control phase the masks are frozen to
 :func:`project_masks` (the generator's ranking cut at exactly the parameter budget), and LoRA
-keeps training with the group lasso until the pruned groups are ~0. Export (:func:`export`)
+keeps training with the group lasso until the pruned groups are ~0. Export (:func:`atp_export`)
 merges LoRA into the weights (``W + s A B``), removes whole GQA groups and FFN neurons through
 ``jaxprune.surgery.prune`` and the remaining per-layer dims through ``jaxprune.surgery._dims``,
 so the exported model holds exactly ``kept_params(masks)`` projection parameters.
@@ -213,7 +213,7 @@ def _lora_scale(model: nnx.Module) -> float | None:
     return scales.pop() if scales else None
 
 
-def export(model: nnx.Module, masks: Any) -> tuple[dict[str, Any], Any, dict[str, int]]:
+def atp_export(model: nnx.Module, masks: Any) -> tuple[dict[str, Any], Any, dict[str, int]]:
     """Physically remove everything hard ATP masks prune (outside jit).
 
     Steps: merge LoRA into the kernels (evaluation semantics ``((W + s A B) x) * m``); remove
@@ -466,7 +466,7 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
         ckpts.save(tcfg.steps, {'gen_params': gen_params, 'trainable': trainable},
                    {'step': tcfg.steps, 'phase': 'end'})
         model = nnx.merge(graphdef, trainable, frozen)
-        compact, new_config, counts = export(model, masks)
+        compact, new_config, counts = atp_export(model, masks)
         batches = train.eval_batches(splits['validation'], tokenizer, dcfg, task='causal_lm')
         batches = batches[:max_eval_batches] if max_eval_batches else batches
 
@@ -514,7 +514,7 @@ def train_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
     frozen), then a LoRA-aware LoRA step with a freshly sampled mask followed by the group-lasso
     prox. Then the masks are frozen to :func:`project_masks` (exactly ``prune.target_density``
     of the prunable parameters kept) and LoRA trains on with the frozen masks while the lasso
-    strength keeps growing. Finally :func:`export` removes the pruned structures physically.
+    strength keeps growing. Finally :func:`atp_export` removes the pruned structures physically.
 
     Writes ``run_dir/config.yaml``, ``run_dir/metrics.jsonl`` (train events every
     ``train.log_every`` steps with ``loss``, ``gen_loss``, ``sampled_density``,

@@ -157,7 +157,7 @@ def test_export_logits_equal_masked(seed, empty_layer):
                                'attn_ctx': jnp.zeros_like(layers[empty_layer]['attn_ctx']),
                                'mlp': jnp.zeros_like(layers[empty_layer]['mlp'])}
         masks = {'layers': tuple(layers)}
-    compact, new_cfg, counts = _atp_train.export(model, masks)
+    compact, new_cfg, counts = _atp_train.atp_export(model, masks)
     ids = jnp.asarray(np.random.default_rng(seed).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
     got = _dims.compact_forward(compact, ids, config=new_cfg)
     want = model(ids, masks=masks, lora_aware=False)
@@ -219,7 +219,7 @@ def test_export_smollm2_equals_masked():
     model, cfg = models.load_pretrained(assets.resolve_model('smollm2-135m'))
     dims = _density.layer_dims(cfg)
     masks = _atp_train.project_masks(_gen_logits(cfg, 0), dims, target_density=0.6, bias=0.0)
-    compact, new_cfg, counts = _atp_train.export(model, masks)
+    compact, new_cfg, counts = _atp_train.atp_export(model, masks)
     assert counts['kept'] == counts['kept_by_density']
     assert abs(counts['kept'] / counts['prunable'] - 0.6) < 1e-3
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 16)), jnp.int32)
