@@ -87,11 +87,13 @@ def measure(model, eval_batches, prompt, args):
 
 def sparse_row(name, model, masks, eval_batches, prompt, args, extra=None):
     """Masked-dense check + compressed eval/latency/bytes for a model whose kernels are dense."""
-    masked = copy.deepcopy(model)
-    params = nnx.state(masked, nnx.Param)
-    nnx.update(masked, _nm.apply_masks(params, _calibrate.masks_tree(params, masks)))
-    masked_ppl = _ast_infer.eval_perplexity(masked, eval_batches)['perplexity']
-    del masked
+    masked_ppl = None
+    if args.check_masked:
+        masked = copy.deepcopy(model)
+        params = nnx.state(masked, nnx.Param)
+        nnx.update(masked, _nm.apply_masks(params, _calibrate.masks_tree(params, masks)))
+        masked_ppl = _ast_infer.eval_perplexity(masked, eval_batches)['perplexity']
+        del masked
     comp = copy.deepcopy(model)
     _ast_infer.compress_model(comp, masks, implementation='xla')
     for k, mk in masks.items():
@@ -101,8 +103,53 @@ def sparse_row(name, model, masks, eval_batches, prompt, args, extra=None):
     row = {'method': name, 'perplexity': ev['perplexity'], 'masked_dense_perplexity': masked_ppl,
            'weight_bytes': _ast_infer.weight_bytes(comp)['total'],
            'decode_s_per_token': dt, **(extra or {})}
-    log(f'{name}: ppl={ev["perplexity"]:.3f} (masked dense {masked_ppl:.3f})')
+    log(f'{name}: ppl={ev["perplexity"]:.3f} (masked dense {masked_ppl})')
     return row
+
+
+ROWS = ('dense', 'ft', 'magnitude', 'wanda', 'sparsegpt', 'ast', 'ast_boosted')
+
+
+def finish(rows):
+    dense_ft = [r['perplexity'] for r in rows if r['method'] == 'dense fine-tune']
+    dense_bytes = [r['weight_bytes'] for r in rows if r['method'].startswith('dense')]
+    for r in rows:
+        r['ppl_ratio_to_dense_ft'] = r['perplexity'] / dense_ft[0] if dense_ft else None
+        r['bytes_ratio_to_dense'] = r['weight_bytes'] / dense_bytes[0] if dense_bytes else None
+    one_shot = [r['perplexity'] for r in rows if 'one-shot' in r['method']]
+    ast = [r['perplexity'] for r in rows if r['method'] == 'AST 2:4']
+    return bool(ast and one_shot and ast[0] < min(one_shot))
+
+
+def table(result, out):
+    rows = result['rows']
+    hdr = f'{"method":26s} {"ppl":>9s} {"/dense":>7s} {"flip":>7s} {"bytes":>12s} {"/dense":>7s}' \
+          f' {"ms/tok":>8s}'
+    print(hdr)
+    for r in rows:
+        flip = r.get('flip_rate_end')
+        ratio = r.get('ppl_ratio_to_dense_ft')
+        br = r.get('bytes_ratio_to_dense')
+        print(f'{r["method"]:26s} {r["perplexity"]:9.3f} '
+              f'{"-" if ratio is None else f"{ratio:.3f}":>7s} '
+              f'{"-" if flip is None else f"{flip:.4f}":>7s} {r["weight_bytes"]:12d} '
+              f'{"-" if br is None else f"{br:.3f}":>7s} {1e3 * r["decode_s_per_token"]:8.1f}')
+    print(f'wrote {out}')
+
+
+def merge(args):
+    parts = [json.loads(pathlib.Path(f).read_text()) for f in args.merge]
+    order = {m: i for i, m in enumerate(
+        ['dense (no fine-tune)', 'dense fine-tune', 'magnitude 2:4 one-shot',
+         'Wanda 2:4 one-shot', 'SparseGPT 2:4 one-shot', 'AST 2:4', 'AST 2:4 boosted'])}
+    rows = sorted([r for p in parts for r in p['rows']], key=lambda r: order[r['method']])
+    result = {**parts[0], 'rows': rows, 'parts': [p['command'] for p in parts],
+              'wall_s': max(p['wall_s'] for p in parts)}
+    result['done_criterion_ast_beats_all_one_shot'] = finish(rows)
+    out = pathlib.Path(args.out)
+    out.write_text(json.dumps(result, indent=2, default=float))
+    table(result, out)
+    return result
 
 
 def main(argv=None):
@@ -119,7 +166,17 @@ def main(argv=None):
     p.add_argument('--decode-tokens', type=int, default=8)
     p.add_argument('--prompt-len', type=int, default=32)
     p.add_argument('--out', default=None)
+    p.add_argument('--rows', default=','.join(ROWS), help=f'subset of {ROWS}')
+    p.add_argument('--check-masked', action='store_true',
+                   help='also evaluate the masked dense model of every sparse row')
+    p.add_argument('--merge', nargs='+', default=None,
+                   help='merge JSON files of runs over disjoint --rows into --out')
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args)
+    rows_wanted = set(args.rows.split(','))
+    if rows_wanted - set(ROWS):
+        raise ValueError(f'--rows={args.rows!r}: unknown {sorted(rows_wanted - set(ROWS))}')
     tiny = args.model == 'tiny'
     out = pathlib.Path(args.out or f'bench/results/ast_{"tiny" if tiny else "smollm2"}.json')
     ds = train.load_splits(config.DataCfg(dataset='tiny-text' if tiny else 'shakespeare'))
@@ -134,40 +191,48 @@ def main(argv=None):
     rows = []
     t_all = time.perf_counter()
 
-    log('dense (pretrained)')
-    ev, dt = measure(model0, eval_batches, prompt, args)
     dense_bytes = _ast_infer.weight_bytes(model0)['total']
-    rows.append({'method': 'dense (no fine-tune)', 'perplexity': ev['perplexity'],
-                 'weight_bytes': dense_bytes, 'decode_s_per_token': dt})
+    if 'dense' in rows_wanted:
+        log('dense (pretrained)')
+        ev, dt = measure(model0, eval_batches, prompt, args)
+        rows.append({'method': 'dense (no fine-tune)', 'perplexity': ev['perplexity'],
+                     'weight_bytes': dense_bytes, 'decode_s_per_token': dt})
 
-    log('dense fine-tune')
-    gd, st, rest, info = train_run(copy.deepcopy(model0), train.NoMethod(), train_batches, args)
-    ft = nnx.merge(gd, st.trainable, rest)
-    ev, dt = measure(ft, eval_batches, prompt, args)
-    rows.append({'method': 'dense fine-tune', 'perplexity': ev['perplexity'],
-                 'weight_bytes': dense_bytes, 'decode_s_per_token': dt, **info})
-    del ft, st
+    if 'ft' in rows_wanted:
+        log('dense fine-tune')
+        gd, st, rest, info = train_run(copy.deepcopy(model0), train.NoMethod(), train_batches,
+                                       args)
+        ft = nnx.merge(gd, st.trainable, rest)
+        ev, dt = measure(ft, eval_batches, prompt, args)
+        rows.append({'method': 'dense fine-tune', 'perplexity': ev['perplexity'],
+                     'weight_bytes': dense_bytes, 'decode_s_per_token': dt, **info})
+        del ft, st
 
     params0 = nnx.state(model0, nnx.Param)
-    log('magnitude 2:4')
-    _, mmask = _oneshot.magnitude_prune(params0)
-    rows.append(sparse_row('magnitude 2:4 one-shot', model0, _ast_infer.mask_dict(mmask),
-                           eval_batches, prompt, args))
+    if 'magnitude' in rows_wanted:
+        log('magnitude 2:4')
+        _, mmask = _oneshot.magnitude_prune(params0)
+        rows.append(sparse_row('magnitude 2:4 one-shot', model0, _ast_infer.mask_dict(mmask),
+                               eval_batches, prompt, args))
 
-    log('Wanda 2:4 (calibration)')
+    log('Wanda calibration')
     norms = _calibrate.collect_input_norms(copy.deepcopy(model0), calib)
     wmask = _nm.nm_masks(_wanda.wanda_scores(params0, act_norms=norms))
-    rows.append(sparse_row('Wanda 2:4 one-shot', model0, _ast_infer.mask_dict(wmask),
-                           eval_batches, prompt, args))
+    if 'wanda' in rows_wanted:
+        rows.append(sparse_row('Wanda 2:4 one-shot', model0, _ast_infer.mask_dict(wmask),
+                               eval_batches, prompt, args))
 
-    log('SparseGPT 2:4 (sequential)')
-    t0 = time.perf_counter()
-    sg_model, sg_masks = _calibrate.sparsegpt_sequential(copy.deepcopy(model0), calib)
-    rows.append(sparse_row('SparseGPT 2:4 one-shot', sg_model, sg_masks, eval_batches, prompt,
-                           args, {'prune_s': time.perf_counter() - t0}))
-    del sg_model
+    if 'sparsegpt' in rows_wanted:
+        log('SparseGPT 2:4 (sequential)')
+        t0 = time.perf_counter()
+        sg_model, sg_masks = _calibrate.sparsegpt_sequential(copy.deepcopy(model0), calib)
+        rows.append(sparse_row('SparseGPT 2:4 one-shot', sg_model, sg_masks, eval_batches,
+                               prompt, args, {'prune_s': time.perf_counter() - t0}))
+        del sg_model
 
     for boosted in (False, True):
+        if ('ast_boosted' if boosted else 'ast') not in rows_wanted:
+            continue
         name = 'AST 2:4 boosted' if boosted else 'AST 2:4'
         log(name)
         cfg = _ast_train.AstCfg(method='ast', update_every=args.update_every,
@@ -184,12 +249,7 @@ def main(argv=None):
             'flip_rate_end': flips[-1][1] if flips else None, 'flip_history': flips, **info}))
         del trained, st
 
-    dense_ppl = next(r['perplexity'] for r in rows if r['method'] == 'dense fine-tune')
-    for r in rows:
-        r['ppl_ratio_to_dense_ft'] = r['perplexity'] / dense_ppl
-        r['bytes_ratio_to_dense'] = r['weight_bytes'] / dense_bytes
-    one_shot = [r['perplexity'] for r in rows if 'one-shot' in r['method']]
-    ast_ppl = next(r['perplexity'] for r in rows if r['method'] == 'AST 2:4')
+    done = finish(rows)
     result = {
         'benchmark': 'ast', 'model': args.model,
         'dataset': 'tiny-text' if tiny else 'shakespeare',
@@ -199,7 +259,8 @@ def main(argv=None):
                    'eval_tokens': int(sum(np.sum(b['labels'] >= 0) for b in eval_batches)),
                    'calibration_sequences': len(calib) * 8, 'lr': args.lr,
                    'warmup_steps': args.warmup, 'mask_update_every': args.update_every},
-        'done_criterion_ast_beats_all_one_shot': bool(ast_ppl < min(one_shot)),
+        'done_criterion_ast_beats_all_one_shot': done,
+        'dense_weight_bytes': dense_bytes,
         'device': f'{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()},'
                   f' {os.cpu_count()} cores, shared)',
         'jax': jax.__version__, 'dtype': 'float32', 'wall_s': time.perf_counter() - t_all,
@@ -207,15 +268,7 @@ def main(argv=None):
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=float))
-    hdr = f'{"method":26s} {"ppl":>9s} {"/dense":>7s} {"flip":>7s} {"bytes":>12s} {"/dense":>7s}' \
-          f' {"ms/tok":>8s}'
-    print(hdr)
-    for r in rows:
-        flip = r.get('flip_rate_end')
-        print(f'{r["method"]:26s} {r["perplexity"]:9.3f} {r["ppl_ratio_to_dense_ft"]:7.3f} '
-              f'{"-" if flip is None else f"{flip:.4f}":>7s} {r["weight_bytes"]:12d} '
-              f'{r["bytes_ratio_to_dense"]:7.3f} {1e3 * r["decode_s_per_token"]:8.1f}')
-    print(f'wrote {out}')
+    table(result, out)
     return result
 
 

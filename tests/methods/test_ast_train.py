@@ -1,0 +1,209 @@
+"""AST in the training loop: config, optimizer-state transform, Method hooks, end-to-end run."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxprune import config
+from jaxprune import train as train_lib
+from jaxprune.masks import _nm
+from jaxprune.methods import _ast_train
+from jaxprune.models import _llama
+
+CFG = _llama.LlamaConfig.tiny()
+
+
+def _split():
+    model = _llama.Llama(CFG, rngs=nnx.Rngs(0))
+    return nnx.split(model, nnx.Param, ...)
+
+
+def _batch(b=2, t=8, seed=0):
+    ids = np.random.default_rng(seed).integers(0, CFG.vocab_size, (b, t + 1)).astype(np.int32)
+    return {'input_ids': jnp.asarray(ids[:, :-1]), 'labels': jnp.asarray(ids[:, 1:])}
+
+
+def test_ast_cfg_registered_and_validated():
+    cfg = config.load_config('configs/ast_tiny.yaml')
+    assert isinstance(cfg.prune, _ast_train.AstCfg)
+    assert (cfg.prune.n, cfg.prune.m, cfg.prune.temperature, cfg.prune.kd_weight) == (2, 4, 2.0,
+                                                                                     0.5)
+    smol = config.load_config('configs/ast_smollm2_shakespeare.yaml')
+    assert smol.prune.init_score == 'wanda' and smol.prune.update_every == 10
+    with pytest.raises(ValueError, match='target_density'):
+        _ast_train.AstCfg(method='ast', target_density=0.6)
+    with pytest.raises(ValueError, match='init_score'):
+        _ast_train.AstCfg(method='ast', init_score='random')
+    with pytest.raises(ValueError, match='update_every'):
+        _ast_train.AstCfg(method='ast', update_every=0)
+
+
+def test_ast_train_transform_matches_reference():
+    """g + lambda(t)(1 - M) W with lambda ramping linearly over 4 steps (numpy reference)."""
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4)), jnp.float32)
+    params = {'layers': {'0': {'kernel': w}}, 'bias': jnp.ones(4)}
+    tx = _ast_train.ast_train_transform(decay=0.1, decay_ramp_steps=4, update_every=2,
+                                        include=r'kernel')
+    state = tx.init(params)
+    mask0 = np.asarray(state.masks['weights']['layers']['0']['kernel'])
+    np.testing.assert_array_equal(mask0, np.asarray(_nm.nm_mask(jnp.abs(w))))
+    g = jax.tree.map(jnp.ones_like, params)
+    for t in range(6):
+        u, state = tx.update(g, state, params)
+        lam = 0.1 * min(1.0, t / 4) if t else 0.0
+        want = 1.0 + lam * (1 - mask0) * np.asarray(w)
+        np.testing.assert_allclose(u['layers']['0']['kernel'], want, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(u['bias'], 1.0)
+    assert int(state.masks['step']) == 6
+    np.testing.assert_array_equal(state.masks['teacher']['layers']['0']['kernel'], w)
+
+
+def test_ast_train_transform_flip_rate_on_recompute_steps():
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(8, 4)), jnp.float32)
+    params = {'layers': {'0': {'kernel': w}}}
+    tx = _ast_train.ast_train_transform(update_every=2, include='kernel', keep_teacher=False)
+    state = tx.init(params)
+    old = state.masks['weights']
+    new = jax.tree.map(lambda m: ~m if m is not None else None, old,
+                       is_leaf=lambda x: x is None)
+    g = jax.tree.map(jnp.zeros_like, params)
+    _, s1 = tx.update(g, state, params, new_masks=new)  # step 0: not a recompute step
+    assert float(s1.flip_rate) == 0.0
+    _, s2 = tx.update(g, s1, params, new_masks=new)  # step 1: still not
+    assert float(s2.flip_rate) == 0.0
+    _, s3 = tx.update(g, s2, params, new_masks=old)  # step 2: recompute; every entry flipped
+    assert float(s3.flip_rate) == 1.0
+    assert s3.masks['teacher'] is None
+
+
+@pytest.mark.parametrize('step,expect_fresh', [(0, False), (9, False), (10, True), (20, True)])
+def test_recompute_timing(step, expect_fresh):
+    """Masks are recomputed from |W| exactly when the update count is a positive multiple of T."""
+    method = _ast_train.AstMethod(_ast_train.AstCfg(method='ast', update_every=10))
+    _, trainable, _ = _split()
+    fresh = _nm.nm_masks(jax.tree.map(jnp.abs, trainable))
+    stale = jax.tree.map(lambda m: ~m if m is not None else None, fresh,
+                         is_leaf=lambda x: x is None)
+    got = method.recompute(trainable, {'weights': stale, 'step': jnp.int32(step)})
+    want = fresh if expect_fresh else stale
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_prepare_is_ste_masked_forward():
+    """Forward == hard-masked model; gradient reaches pruned weights (straight-through)."""
+    graphdef, trainable, rest = _split()
+    method = _ast_train.AstMethod(_ast_train.AstCfg(method='ast', distill=False))
+    masks = _nm.nm_masks(jax.tree.map(jnp.abs, trainable))
+    batch = _batch()
+
+    def loss(tr):
+        t, r, mm = method.prepare(tr, rest, {'weights': masks})
+        assert mm is None
+        return jnp.mean(nnx.merge(graphdef, t, r)(batch['input_ids']) ** 2)
+
+    hard = nnx.merge(graphdef, _nm.apply_masks(trainable, masks), rest)
+    np.testing.assert_allclose(loss(trainable), jnp.mean(hard(batch['input_ids']) ** 2),
+                               rtol=1e-6)
+    g = jax.grad(loss)(trainable)['layers'][0]['mlp']['up_proj']['kernel'][...]
+    mk = masks['layers'][0]['mlp']['up_proj']['kernel']
+    assert float(jnp.abs(jnp.where(mk, 0.0, g)).sum()) > 0
+
+
+def test_loss_extras_matches_reference():
+    """kd_weight * T^2 * mean_t KL(softmax(t/T) || softmax(s/T)) over valid labels (rtol 1e-5)."""
+    method = _ast_train.AstMethod(_ast_train.AstCfg(method='ast', temperature=2.0,
+                                                    kd_weight=0.5))
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    t = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    labels = np.array([[1, 2, -100], [0, 4, 3]])
+    extra, logs = method.loss_extras(None, jnp.asarray(s), {
+        'labels': jnp.asarray(labels), 'teacher_logits': jnp.asarray(t)})
+
+    def logsm(x):
+        x = x.astype(np.float64) / 2.0
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    kl = (np.exp(logsm(t)) * (logsm(t) - logsm(s))).sum(-1) * 4.0
+    ref = kl[labels >= 0].mean()
+    np.testing.assert_allclose(logs['kd'], ref, rtol=1e-5)
+    np.testing.assert_allclose(extra, 0.5 * ref, rtol=1e-5)
+    zero, none = method.loss_extras(None, jnp.asarray(s), {'labels': jnp.asarray(labels)})
+    assert float(zero) == 0.0 and none == {}
+
+
+def test_value_and_grad_distills_from_frozen_teacher():
+    """The loss is CE + 0.5 KL against the teacher in the state; with student == teacher and
+    full masks the KL is 0; the update kwargs carry the step's masks."""
+    graphdef, trainable, rest = _split()
+    method = _ast_train.AstMethod(_ast_train.AstCfg(method='ast'))
+    ones = jax.tree.map(lambda x: jnp.ones(x.shape, bool) if x.ndim == 2 else None, trainable)
+    ones = _nm.nm_masks(ones)
+    dense = jax.tree.map(lambda m: jnp.ones_like(m) if m is not None else None, ones,
+                         is_leaf=lambda x: x is None)
+    masks = {'weights': dense, 'teacher': trainable, 'step': jnp.int32(3)}
+    fn = functools.partial(train_lib.train_step.__globals__['loss_fn'], graphdef=graphdef,
+                           task='causal_lm', method=method)
+    (loss, aux), grads, kw = method.value_and_grad(fn, trainable, rest, _batch(), masks,
+                                                   jax.random.key(0))
+    np.testing.assert_allclose(aux['kd'], 0.0, atol=1e-6)
+    np.testing.assert_allclose(loss, aux['ce'], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(kw['new_masks']), jax.tree.leaves(dense), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_train_loop_end_to_end(tmp_path):
+    """configs/ast_tiny.yaml through the real loop: flip rates logged after each recompute,
+    final masks exactly 2:4 along K, teacher untouched, finite eval."""
+    cfg = config.load_config('configs/ast_tiny.yaml', [
+        f'run_dir={tmp_path}', 'train.steps=11', 'checkpoint.every=0'])
+    final = train_lib.train(cfg, progress=False)
+    assert np.isfinite(final['perplexity'])
+    recs = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    flips = [r for r in recs if r['event'] == 'mask']
+    assert [r['step'] for r in flips] == [6, 11]
+    assert all(0.0 <= r['flip_rate'] <= 1.0 for r in flips)
+    s = train_lib.setup(cfg)
+    from jaxprune import checkpoint, sharding
+
+    ck = checkpoint.Checkpointer(cfg.checkpoint_dir)
+    _, state, _ = ck.restore_latest_valid(target=sharding.abstract_like(s.state))
+    ck.close()
+    masks = _ast_train.final_masks(state.opt_state)
+    leaves = [m for m in jax.tree.leaves(masks) if m is not None]
+    assert len(leaves) == 14
+    assert all(bool(_nm.is_nm(m, n=2, m=4)) for m in leaves)
+    teacher = optax.tree.get(state.opt_state, 'masks')['teacher']
+    init = s.state.trainable
+    for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(init), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_slorb_needs_slorb_params():
+    _, trainable, _ = _split()
+    method = _ast_train.AstMethod(_ast_train.AstCfg(method='ast', slorb=True))
+    with pytest.raises(ValueError, match='SLoRB'):
+        method.transforms(trainable)
+
+
+def test_add_slorb_forward_matches_reference():
+    """A Linear with SLoRB computes x (W) + (P x) S == x (W + repeat(S, k)) (atol 1e-5)."""
+    model = _llama.Llama(CFG, rngs=nnx.Rngs(0))
+    masks = _nm.nm_masks_for(nnx.state(model, nnx.Param))
+    done = _ast_train.add_slorb(model, masks, k=8)
+    assert len(done) == 14
+    lin = model.layers[1].mlp.down_proj
+    s = lin.slorb[...]
+    assert s.shape == (CFG.intermediate_size // 8, CFG.hidden_size)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, CFG.intermediate_size)),
+                    jnp.float32)
+    ref = x @ (lin.kernel[...] + jnp.repeat(s, 8, axis=0))
+    np.testing.assert_allclose(lin(x), ref, atol=1e-5)
+    assert _ast_train._has_slorb(nnx.state(model, nnx.Param))
