@@ -198,19 +198,27 @@ def main(argv=None) -> dict:
     step_tokens = dcfg.batch_size * dcfg.seq_len
     rows = {}
 
-    # Pretrained (no fine-tuning), for reference.
-    base, _, _ = train.build_model(cfg.model, cfg.lora)
-    rows['pretrained'] = {'eval': _atp_train.evaluate_lm(_model_apply(base), eval_b),
-                          'kept': prunable, 'train_s': 0.0, 'tokens': 0}
-    lat_fns = {'dense LoRA': _llama_latency_fn(_merged_plain(base))}  # shapes = pretrained
-    print(f"pretrained ppl {rows['pretrained']['eval']['perplexity']:.3f}", file=sys.stderr)
+    out = pathlib.Path(args.out or ROOT / 'bench' / 'results' / f'atp_{args.model}.json')
+    partial = out.with_suffix('.partial.json')
+    lat_fns = {}
 
-    # Dense LoRA.
-    model, secs = _lora_finetune(base, cfg, stream(lora_split, dcfg.seed), args.steps)
-    rows['dense LoRA'] = {'eval': _atp_train.evaluate_lm(_model_apply(model), eval_b),
-                          'kept': prunable, 'train_s': secs, 'tokens': args.steps * step_tokens}
-    print(f"dense LoRA ppl {rows['dense LoRA']['eval']['perplexity']:.3f}", file=sys.stderr)
-    del model, base
+    def checkpoint_rows():  # a slow shared machine may not finish: keep what is measured
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({'steps': args.steps, 'rows': rows}, indent=1, default=str))
+
+    # ATP first (the method under test), then the baselines.
+    run = _atp_train.run_atp(cfg, progress=False, max_eval_batches=args.eval_batches)
+    rec = run.record
+    rows['ATP'] = {'eval': rec['eval_export'], 'kept': rec['params']['kept'],
+                   'train_s': rec['control_s'] + rec['freeze_s'], 'tokens': rec['tokens']['lora'],
+                   'generator_tokens': rec['tokens']['generator'], 'atp': rec}
+    print(f"ATP ppl {rows['ATP']['eval']['perplexity']:.3f}", file=sys.stderr, flush=True)
+    checkpoint_rows()
+
+    def compact_fn(c, ids):
+        return _dims.compact_forward(c, ids, config=run.compact_config)
+
+    lat_fns['ATP'] = (compact_fn, run.compact)
 
     # Two-stage: one-shot structured prune, then LoRA.
     model, _, _ = train.build_model(cfg.model, cfg.lora)
@@ -228,20 +236,26 @@ def main(argv=None) -> dict:
         'train_s': secs + score_s, 'score_s': score_s, 'tokens': args.steps * step_tokens,
         'calibration_tokens': args.calib_batches * step_tokens, 'criterion': args.criterion}
     lat_fns['two-stage'] = _llama_latency_fn(_merged_plain(model))
-    print(f"two-stage ppl {rows['two-stage']['eval']['perplexity']:.3f}", file=sys.stderr)
+    print(f"two-stage ppl {rows['two-stage']['eval']['perplexity']:.3f}", file=sys.stderr,
+          flush=True)
+    checkpoint_rows()
     del model
 
-    # ATP.
-    run = _atp_train.run_atp(cfg, progress=False, max_eval_batches=args.eval_batches)
-    rec = run.record
-    rows['ATP'] = {'eval': rec['eval_export'], 'kept': rec['params']['kept'],
-                   'train_s': rec['control_s'] + rec['freeze_s'], 'tokens': rec['tokens']['lora'],
-                   'generator_tokens': rec['tokens']['generator'], 'atp': rec}
-
-    def compact_fn(c, ids):
-        return _dims.compact_forward(c, ids, config=run.compact_config)
-
-    lat_fns['ATP'] = (compact_fn, run.compact)
+    # Dense LoRA (the reference), and the pretrained model for context.
+    base, _, _ = train.build_model(cfg.model, cfg.lora)
+    lat_fns['dense LoRA'] = _llama_latency_fn(_merged_plain(base))
+    model, secs = _lora_finetune(base, cfg, stream(lora_split, dcfg.seed), args.steps)
+    rows['dense LoRA'] = {'eval': _atp_train.evaluate_lm(_model_apply(model), eval_b),
+                          'kept': prunable, 'train_s': secs, 'tokens': args.steps * step_tokens}
+    print(f"dense LoRA ppl {rows['dense LoRA']['eval']['perplexity']:.3f}", file=sys.stderr,
+          flush=True)
+    checkpoint_rows()
+    del model, base
+    base, _, _ = train.build_model(cfg.model, cfg.lora)
+    rows['pretrained'] = {'eval': _atp_train.evaluate_lm(_model_apply(base), eval_b),
+                          'kept': prunable, 'train_s': 0.0, 'tokens': 0}
+    checkpoint_rows()
+    del base
     lat = _latencies(lat_fns, (1, 8), dcfg.seq_len, args.reps, arch.vocab_size)
     lat['pretrained'] = lat['dense LoRA']
 
@@ -279,8 +293,6 @@ def main(argv=None) -> dict:
                    'target_density_kept': args.density, 'prunable_params': prunable},
         'table': table, 'details': rows, 'config': cfg.to_dict(),
     }
-    out = pathlib.Path(args.out or ROOT / 'bench' / 'results' / f'atp_{args.model}.json')
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
     print(f'wrote {out}', file=sys.stderr)
     return result
