@@ -113,6 +113,7 @@ def test_notebook_executes_in_smoke_mode(name, tmp_path, monkeypatch):
     monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
     monkeypatch.setenv('JAXPRUNE_CACHE', str(tmp_path / 'cache'))  # smoke mode fetches nothing
     monkeypatch.delenv('XLA_FLAGS', raising=False)  # one device, as on Colab
+    monkeypatch.delenv('JAXPRUNE_NOTEBOOK_STEPS', raising=False)  # each notebook's smoke default
     monkeypatch.setenv(
         'PYTHONPATH',
         os.pathsep.join(
