@@ -109,6 +109,24 @@ def _plain_model(config: Any, flat: Mapping[str, np.ndarray], dtype: Any) -> nnx
     return model
 
 
+def uniform_config(config: Any) -> Any:
+    """The same architecture without per-layer sizes when every layer has the same shape.
+
+    Pruning leaves ``layer_heads``/``layer_mlp`` set even when all layers agree; Hugging Face
+    configs need the global ``num_heads``/``intermediate_size`` instead. Returns ``config``
+    unchanged when the layers differ.
+    """
+    heads = {config.heads(i) for i in range(config.num_layers)}
+    mlp = {config.mlp(i) for i in range(config.num_layers)}
+    if len(heads) != 1 or len(mlp) != 1:
+        return config
+    (h,), (f,) = heads, mlp
+    kw = {'num_heads': h, 'intermediate_size': f, 'layer_heads': None, 'layer_mlp': None}
+    if 'num_kv_heads' in {f.name for f in dataclasses.fields(config)}:
+        kw['num_kv_heads'] = h // config.q_per_kv
+    return dataclasses.replace(config, **kw)
+
+
 def save_pruned(
     model: nnx.Module,
     config: Any,
@@ -144,13 +162,14 @@ def save_pruned(
     info = {'path': str(path), 'hf': False, 'hf_reason': None,
             'params': int(sum(v.size for v in flat.values()))}
     if hf:
+        hf_config = uniform_config(config)
         try:
-            config.to_hf()
+            hf_config.to_hf()
         except ValueError as e:
             info['hf_reason'] = str(e)
         else:
-            plain = _plain_model(config, flat, jnp.float32)
-            models.save_pretrained(plain, config, path)
+            plain = _plain_model(hf_config, flat, jnp.float32)
+            models.save_pretrained(plain, hf_config, path)
             info['hf'] = True
     return info
 
