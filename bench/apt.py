@@ -27,15 +27,15 @@ import sys
 # bench/ holds scripts named like stdlib modules (ast.py): drop the script dir from the path.
 sys.path[:] = [p for p in sys.path if p.rstrip('/').split('/')[-1] != 'bench']
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import pathlib  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import os
+import pathlib
+import platform
+import resource
+import subprocess
+import tempfile
+import time
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
@@ -50,6 +50,7 @@ def _overrides(args, row: str, run_dir: str) -> tuple[str, list[str]]:
         f'data.batch_size={args.batch_size}', 'data.eval_batch_size=64', 'train.eval_every=0',
         'checkpoint.every=0', 'train.log_every=20', 'train.seed=0', 'data.seed=0',
         f'train.warmup_steps={max(1, args.steps // 10)}',
+        f'data.eval_max_examples={args.eval_examples}',
     ]
     if row == 'dense':
         return 'configs/minilm_rotten_tomatoes_lora.yaml', common + [
@@ -307,7 +308,8 @@ def main(argv=None) -> int:
     p.add_argument('--pruning-steps', type=int, default=10)
     p.add_argument('--max-len', type=int, default=64)
     p.add_argument('--batch-size', type=int, default=16)
-    p.add_argument('--rows', default='dense,lora,apt')
+    p.add_argument('--rows', default='dense,apt,lora')
+    p.add_argument('--eval-examples', type=int, default=1281, help='validation examples')
     p.add_argument('--llama', action='store_true', help='add smollm2-135m rows (LoRA vs APT 0.7)')
     p.add_argument('--llama-steps', type=int, default=40)
     p.add_argument('--out', default=str(ROOT / 'bench/results/apt_minilm_cpu.json'))
@@ -326,10 +328,10 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, '--row', name, '--run-dir', str(tmp / name),
                '--row-out', str(out), '--steps', str(args.steps), '--max-len', str(args.max_len),
                '--batch-size', str(args.batch_size), '--pruning-steps', str(args.pruning_steps),
-               '--llama-steps', str(args.llama_steps)]
+               '--llama-steps', str(args.llama_steps), '--eval-examples', str(args.eval_examples)]
         print(f'[bench] {name}: {" ".join(cmd)}', flush=True)
         t0 = time.perf_counter()
-        rc = subprocess.run(cmd, cwd=ROOT).returncode
+        rc = subprocess.run(cmd, cwd=ROOT, check=False).returncode
         print(f'[bench] {name} done in {time.perf_counter() - t0:.0f}s (rc={rc})', flush=True)
         if rc == 0:
             rows.extend(json.loads(out.read_text()))
@@ -357,6 +359,7 @@ def main(argv=None) -> int:
         'model': 'minilm-l6', 'dataset': 'rotten-tomatoes',
         'steps': args.steps, 'batch_size': args.batch_size, 'max_len': args.max_len,
         'pruning_steps': args.pruning_steps, 'target_density': DENSITY,
+        'eval_examples': args.eval_examples,
         'density_counts': 'encoder-block parameters (embeddings excluded)',
         'device': f'{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores '
                   f'(shared with other jobs), jax {jax.__version__}',

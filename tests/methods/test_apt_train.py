@@ -136,7 +136,7 @@ def test_pruning_step_compacted_equals_masked(tmp_path, seed):
     masked = model(batch['input_ids'], batch['attention_mask'],
                    masks=method.model_masks({'units': units, 'rank': masks['rank']}))
     old_ranks = {k: int(np.sum(np.asarray(v) > 0)) for k, v in masks['rank'].items()}
-    count = method.steps[0]
+    count = method.steps[-1]  # LoRA growth starts after the first pruning step
     new = method.pruning_step(count, _method.LoopState(s.graphdef, ts, s.rest))
     assert new.graphdef is not s.graphdef  # shapes changed: the loop re-jits
     new_masks = optax.tree.get(new.state.opt_state, 'masks')
@@ -195,7 +195,7 @@ def test_cli_train_end_to_end(cli_run):
     assert prune[-1]['recompiles'] == 2
     final = [e for e in events if e['event'] == 'eval'][-1]
     assert final['step'] == 12 and 0.0 <= final['accuracy'] <= 1.0
-    model, arch = _apt_export.load_pruned(cli_run / 'pruned')
+    _, arch = _apt_export.load_pruned(cli_run / 'pruned')
     assert [arch.heads(i) for i in range(2)] == prune[-1]['kept_heads']
     assert [arch.mlp(i) for i in range(2)] == prune[-1]['kept_mlp']
     assert dataclasses.replace(arch).hidden_size == prune[-1]['hidden']
