@@ -68,7 +68,7 @@ def test_save_pruned_roundtrip_matches_logits(tmp_path, uniform):
 
 def test_rank_masks_applied_when_folding(tmp_path):
     """A zero rank mask drops that adapter: exported kernel == frozen kernel (reference)."""
-    model, cfg = _bert_pruned(uniform=False)
+    model, _ = _bert_pruned(uniform=False)
     path = ('layers', 1, 'mlp', 'up')
     flat = _apt_export.merged_params(model, {path: jnp.zeros(4)})
     np.testing.assert_array_equal(flat['layers.1.mlp.up.kernel'],
