@@ -141,6 +141,19 @@ _register_train_method()
 # Budget projection.
 
 
+def kept_params_exact(masks: Any, dims: Sequence[_density.LayerDims]) -> int:
+    """``jaxprune.masks._density.kept_params`` for hard masks in exact integer arithmetic.
+
+    The density module sums in float32, which is exact only below ``2**24`` kept parameters
+    (SmolLM2 keeps ~6e7: off by a few); this uses its keep vectors with Python ints.
+    """
+    total = 0
+    for layer_masks, d in zip(masks['layers'], dims, strict=True):
+        for keep_in, keep_out in _density.linear_keep(layer_masks or {}, d).values():
+            total += int(np.sum(np.asarray(keep_in) > 0.5)) * int(np.sum(np.asarray(keep_out) > 0.5))
+    return total
+
+
 def project_masks(
     logits: Any, dims: Sequence[_density.LayerDims], *, target_density: float,
     bias: float = _gumbel.DEFAULT_BIAS,
@@ -190,7 +203,7 @@ def project_masks(
         return jax.tree.unflatten(treedef, out)
 
     def kept(k):
-        return float(_density.kept_params(masks_of(k), dims))
+        return kept_params_exact(masks_of(k), dims)
 
     lo, hi = 0, flat.size  # kept(lo) <= budget; find the largest such k
     if kept(hi) <= budget:
@@ -228,7 +241,7 @@ def atp_export(model: nnx.Module, masks: Any) -> tuple[dict[str, Any], Any, dict
     Returns:
       ``(compact_params, config, counts)``: run with ``jaxprune.surgery._dims.compact_forward(
       compact_params, ids, config=config)``; ``counts`` holds ``prunable`` (original projection
-      params), ``kept`` (projection params stored), ``kept_by_density`` (``kept_params(masks)``)
+      params), ``kept`` (projection params stored), ``kept_by_density`` (:func:`kept_params_exact`)
       and ``total`` (all stored float params).
 
     Raises:
@@ -249,7 +262,7 @@ def atp_export(model: nnx.Module, masks: Any) -> tuple[dict[str, Any], Any, dict
     counts = {
         'prunable': int(_density.prunable_params(dims)),
         'kept': _dims.projection_param_count(compact),
-        'kept_by_density': round(float(_density.kept_params(masks, dims))),
+        'kept_by_density': kept_params_exact(masks, dims),
         'total': _dims.param_count(compact),
     }
     if counts['kept'] != counts['kept_by_density']:
