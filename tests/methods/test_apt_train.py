@@ -196,6 +196,7 @@ def test_cli_train_end_to_end(cli_run):
     final = [e for e in events if e['event'] == 'eval'][-1]
     assert final['step'] == 12 and 0.0 <= final['accuracy'] <= 1.0
     _, arch = _apt_export.load_pruned(cli_run / 'pruned')
-    assert [arch.heads(i) for i in range(2)] == prune[-1]['kept_heads']
-    assert [arch.mlp(i) for i in range(2)] == prune[-1]['kept_mlp']
+    # A fully pruned structure keeps one zeroed unit (configs need >= 1 per layer).
+    assert [arch.heads(i) for i in range(2)] == [max(h, 1) for h in prune[-1]['kept_heads']]
+    assert [arch.mlp(i) for i in range(2)] == [max(f, 1) for f in prune[-1]['kept_mlp']]
     assert dataclasses.replace(arch).hidden_size == prune[-1]['hidden']
