@@ -207,3 +207,23 @@ def test_add_slorb_forward_matches_reference():
     ref = x @ (lin.kernel[...] + jnp.repeat(s, 8, axis=0))
     np.testing.assert_allclose(lin(x), ref, atol=1e-5)
     assert _ast_train._has_slorb(nnx.state(model, nnx.Param))
+
+
+def test_recompute_uses_the_initial_score():
+    """With Wanda initial masks the recompute keeps the Wanda score (fixed norms), not |W|."""
+    _, trainable, _ = _split()
+    rng = np.random.default_rng(0)
+    flat = jax.tree_util.tree_flatten_with_path(trainable)[0]
+    norms = {_nm.path_str(p): jnp.asarray(rng.uniform(0.01, 10.0, x.shape[0]), jnp.float32)
+             for p, x in flat if x.ndim == 2 and 'layers' in _nm.path_str(p)}
+    method = _ast_train.AstMethod(_ast_train.AstCfg(method='ast', init_score='wanda'),
+                                  act_norms=norms)
+    from jaxprune.scores import _wanda
+
+    want = _nm.nm_masks(_wanda.wanda_scores(trainable, act_norms=norms))
+    mag = _nm.nm_masks(jax.tree.map(jnp.abs, trainable))
+    got = method.recompute(trainable, {'weights': mag, 'step': jnp.int32(10)})
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got),
+                                                         jax.tree.leaves(mag), strict=True))
