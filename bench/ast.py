@@ -21,25 +21,25 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != _HERE]
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import pathlib  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
+import argparse
+import copy
+import json
+import pathlib
+import platform
+import time
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from jaxprune import config, data, train  # noqa: E402
-from jaxprune.masks import _nm  # noqa: E402
-from jaxprune.methods import _ast_infer, _ast_train, _calibrate, _oneshot  # noqa: E402
-from jaxprune.scores import _wanda  # noqa: E402
+from jaxprune import config, data, train
+from jaxprune.masks import _nm
+from jaxprune.methods import _ast_infer, _ast_train, _calibrate, _oneshot
+from jaxprune.scores import _wanda
 
 
 def log(*a):
@@ -180,7 +180,7 @@ def main(argv=None):
     tiny = args.model == 'tiny'
     out = pathlib.Path(args.out or f'bench/results/ast_{"tiny" if tiny else "smollm2"}.json')
     ds = train.load_splits(config.DataCfg(dataset='tiny-text' if tiny else 'shakespeare'))
-    model0, arch, tok = build(args)
+    model0, _arch, tok = build(args)
     train_batches = take(data.lm_batches(ds['train'], tok, batch_size=args.batch,
                                          seq_len=args.seq, seed=0), args.steps)
     eval_batches = take(data.lm_batches(ds['validation'], tok, batch_size=8, seq_len=args.seq,

@@ -274,7 +274,7 @@ class AstMethod:
         cfg = self.cfg
         return (ast_train_transform(
             n=cfg.n, m=cfg.m, update_every=cfg.update_every, decay=cfg.decay,
-            decay_ramp_steps=int(round(cfg.decay_ramp * self.steps)), include=cfg.include,
+            decay_ramp_steps=round(cfg.decay_ramp * self.steps), include=cfg.include,
             init_score_fn=self.init_score_fn(), keep_teacher=cfg.distill),)
 
     # -- forward / loss ------------------------------------------------------------------------
