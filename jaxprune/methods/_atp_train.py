@@ -552,3 +552,16 @@ def train_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
       documents.
     """
     return run_atp(run_cfg, progress=progress, max_eval_batches=max_eval_batches).record
+
+
+def _register_driver():
+    # ATP alternates two optimizers, so `jaxprune train` hands the whole run to `train_atp`.
+    from jaxprune import train
+
+    def driver(cfg, *, progress=None):
+        return train_atp(cfg, progress=progress)
+
+    train.register_driver('atp')(driver)
+
+
+_register_driver()
