@@ -8,22 +8,11 @@ import numpy as np
 import pytest
 
 from jaxprune.masks import _budget
+from jaxprune.models import _structures as structures_lib
 
 
-@dataclasses.dataclass(frozen=True)
-class Slice:
-    path: tuple
-    axis: int
-    width: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Structure:
-    kind: str
-    layer: int | None
-    size: int
-    params_per_unit: int
-    slices: tuple = ()
+Slice = structures_lib.Slice
+Structure = structures_lib.Structure
 
 
 def toy(layers=2, groups=2, qpk=2, hd=2, ffn=3, d=4, vocab=5):

@@ -1,29 +1,16 @@
 """APT salience: reference loops, tap gradients vs finite differences, outlier term."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxprune.scores import _apt
+from jaxprune.models import _structures as structures_lib
 
 
-@dataclasses.dataclass(frozen=True)
-class Slice:
-    path: tuple
-    axis: int
-    width: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Structure:
-    kind: str
-    layer: int | None
-    size: int
-    params_per_unit: int
-    slices: tuple = ()
+Slice = structures_lib.Slice
+Structure = structures_lib.Structure
 
 
 G, QPK, HD, F, D, L = 2, 2, 3, 5, 4, 2
@@ -36,7 +23,7 @@ def _structures():
         d = Slice(('layers', layer, 'mlp', 'down_proj', 'kernel'), 0, 1)
         out.append(Structure('heads', layer, G, 7, (o,)))
         out.append(Structure('mlp', layer, F, 3, (d,)))
-    out.append(Structure('hidden', None, D, 11))
+    out.append(Structure('hidden', None, D, 11, ()))
     return tuple(out)
 
 
@@ -78,7 +65,7 @@ def test_salience_from_taps_matches_reference():
 
 def test_salience_from_taps_rejects_mismatched_width():
     acts, grads = _acts_and_grads(jax.random.key(0))
-    bad = (Structure('heads', 0, 5, 1),)
+    bad = (Structure('heads', 0, 5, 1, ()),)
     with pytest.raises(ValueError, match='not a multiple'):
         _apt.salience_from_taps(acts, grads, bad)
 

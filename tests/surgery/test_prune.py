@@ -1,7 +1,5 @@
 """Surgery: slicing vs a numpy reference, optimizer state, pruned == masked logits, counts."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,22 +11,11 @@ from jaxprune import surgery
 from jaxprune.lora import _spec
 from jaxprune.masks import _budget, _structured
 from jaxprune.models import _bert, _llama, _structures
+from jaxprune.models import _structures as structures_lib
 
 
-@dataclasses.dataclass(frozen=True)
-class Slice:
-    path: tuple
-    axis: int
-    width: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Structure:
-    kind: str
-    layer: int | None
-    size: int
-    params_per_unit: int
-    slices: tuple = ()
+Slice = structures_lib.Slice
+Structure = structures_lib.Structure
 
 
 def _toy():

@@ -1,7 +1,5 @@
 """APT mask transform: reference loop, hard masks at pruning steps, no revival, optax plumbing."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,22 +9,11 @@ import pytest
 from jaxprune.masks import _budget
 from jaxprune.schedules import _apt as schedules
 from jaxprune.transforms import _apt_masks
+from jaxprune.models import _structures as structures_lib
 
 
-@dataclasses.dataclass(frozen=True)
-class Slice:
-    path: tuple
-    axis: int
-    width: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Structure:
-    kind: str
-    layer: int | None
-    size: int
-    params_per_unit: int
-    slices: tuple = ()
+Slice = structures_lib.Slice
+Structure = structures_lib.Structure
 
 
 def toy(layers=2, groups=2, qpk=2, hd=2, ffn=3, d=4):
