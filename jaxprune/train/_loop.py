@@ -95,6 +95,10 @@ def _batch_sharding(mesh, batch_size):
     return sharding.batch_sharding(mesh, batch_size=batch_size)
 
 
+# Step metrics the train event reports under its own names or not at all.
+_LOGGED_STEP_KEYS = frozenset({'loss', 'accuracy', 'grad_norm', 'count', 'nonfinite'})
+
+
 def _place(batch: dict[str, np.ndarray], sh) -> dict[str, jax.Array]:
     """Puts a global host batch on the mesh; with several processes each feeds only its rows.
 
@@ -241,7 +245,10 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
                     grad_norm=float(np.mean([h['grad_norm'] for h in host])),
                     lr=float(schedule(done - 1)),
                     tokens_per_s=_rate(w_tokens, dt), examples_per_s=_rate(w_examples, dt),
-                    skipped_nonfinite=int(s.state.skipped))
+                    skipped_nonfinite=int(s.state.skipped),
+                    # Method terms from loss_extras (e.g. 'ce', 'kd', 'mu'), window means.
+                    **{k: float(np.mean([h[k] for h in host])) for k in host[-1]
+                       if k not in _LOGGED_STEP_KEYS and np.ndim(host[-1][k]) == 0})
                 log.advance(done, loss=loss, tokens_per_s=rec['tokens_per_s'])
                 window, w_tokens, w_examples = [], 0, 0
                 w_start = time.perf_counter()
