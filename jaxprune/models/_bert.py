@@ -239,21 +239,9 @@ class Attention(nnx.Module):
         scores = jnp.einsum('bthd,bshd->bhts', q, k).astype(jnp.float32) / jnp.sqrt(hd)
         probs = jax.nn.softmax(scores + bias[:, None], axis=-1).astype(v.dtype)
         ctx = jnp.einsum('bhts,bshd->bthd', probs, v).reshape(bsz, t, h * hd)
-        acts = None
-        if tap is not None and 'attn_ctx' in tap:
-            ctx = ctx + tap['attn_ctx']
-            acts = _tap_acts(ctx, weights)
-        in_mask = _get(m, 'attn_ctx')
-        if _get(m, 'heads') is not None:
-            head_mask = jnp.repeat(m['heads'], hd)
-            in_mask = head_mask if in_mask is None else in_mask * head_mask
-        out = self.out(
-            ctx,
-            in_mask=in_mask,
-            out_mask=_get(m, 'attn_out'),
-            rank_mask=rm.get('out'),
-            lora_aware=lora_aware,
-        )
+        ctx, acts = _llama.tap_site(ctx, tap, 'attn_ctx', weights)
+        out = _llama.project_heads(
+            self.out, ctx, m, hd, rank_mask=rm.get('out'), lora_aware=lora_aware)
         return out, acts
 
 
@@ -275,10 +263,7 @@ class MLP(nnx.Module):
             self.up(x, in_mask=_get(m, 'mlp_in'), rank_mask=rm.get('up'), lora_aware=lora_aware),
             approximate=False,
         )
-        acts = None
-        if tap is not None and 'mlp' in tap:
-            hmid = hmid + tap['mlp']
-            acts = _tap_acts(hmid, weights)
+        hmid, acts = _llama.tap_site(hmid, tap, 'mlp', weights)
         out = self.down(
             hmid,
             in_mask=_get(m, 'mlp'),

@@ -239,6 +239,31 @@ def _get(d, key):
     return None if d is None else d.get(key)
 
 
+def tap_site(h: jax.Array, tap: Any, name: str, weights: jax.Array | None):
+    """Adds the APT tap ``tap[name]`` to the activation ``h`` and returns ``(h, sum|h|)``.
+
+    Without a tap for this site, ``h`` is returned unchanged with ``None`` activations.
+    """
+    if tap is None or name not in tap:
+        return h, None
+    h = h + tap[name]
+    return h, _tap_acts(h, weights)
+
+
+def project_heads(proj, ctx: jax.Array, m: Any, head_dim: int, *, rank_mask, lora_aware: bool):
+    """The attention output projection under the ``heads``/``attn_ctx``/``attn_out`` masks.
+
+    A head mask is expanded to its ``head_dim`` channels and combined with the per-channel
+    ``attn_ctx`` mask, both acting on the projection's input.
+    """
+    in_mask = _get(m, 'attn_ctx')
+    if _get(m, 'heads') is not None:
+        head_mask = jnp.repeat(m['heads'], head_dim)
+        in_mask = head_mask if in_mask is None else in_mask * head_mask
+    return proj(ctx, in_mask=in_mask, out_mask=_get(m, 'attn_out'), rank_mask=rank_mask,
+                lora_aware=lora_aware)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, layer: int, *, lora, param_dtype, rngs: nnx.Rngs):
         d, hd = cfg.hidden_size, cfg.head_dim
@@ -278,21 +303,9 @@ class Attention(nnx.Module):
         scores = jnp.einsum('btkgd,bskd->bkgts', q, k).astype(jnp.float32) / jnp.sqrt(hd)
         probs = jax.nn.softmax(scores + bias[:, None, None], axis=-1).astype(v.dtype)
         ctx = jnp.einsum('bkgts,bskd->btkgd', probs, v).reshape(bsz, t, h * hd)
-        acts = None
-        if tap is not None and 'attn_ctx' in tap:
-            ctx = ctx + tap['attn_ctx']
-            acts = _tap_acts(ctx, weights)
-        in_mask = _get(m, 'attn_ctx')
-        if _get(m, 'heads') is not None:
-            head_mask = jnp.repeat(m['heads'], hd)
-            in_mask = head_mask if in_mask is None else in_mask * head_mask
-        out = self.o_proj(
-            ctx,
-            in_mask=in_mask,
-            out_mask=_get(m, 'attn_out'),
-            rank_mask=rm.get('o_proj'),
-            lora_aware=lora_aware,
-        )
+        ctx, acts = tap_site(ctx, tap, 'attn_ctx', weights)
+        out = project_heads(
+            self.o_proj, ctx, m, hd, rank_mask=rm.get('o_proj'), lora_aware=lora_aware)
         return out, acts
 
 
@@ -322,10 +335,7 @@ class MLP(nnx.Module):
         g = self.gate_proj(x, rank_mask=rm.get('gate_proj'), **kw)
         u = self.up_proj(x, rank_mask=rm.get('up_proj'), **kw)
         hmid = jax.nn.silu(g) * u
-        acts = None
-        if tap is not None and 'mlp' in tap:
-            hmid = hmid + tap['mlp']
-            acts = _tap_acts(hmid, weights)
+        hmid, acts = tap_site(hmid, tap, 'mlp', weights)
         out = self.down_proj(
             hmid,
             in_mask=_get(m, 'mlp'),
