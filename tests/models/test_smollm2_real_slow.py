@@ -13,9 +13,7 @@ TEXT = (
 )
 
 
-@pytest.mark.slow
-def test_smollm2_perplexity_is_low():
-    """Next-token perplexity on plain English < 60 (a broken load gives hundreds or more)."""
+def _smollm2():
     assets = pytest.importorskip('jaxprune.assets')
     transformers = pytest.importorskip('transformers')
     try:
@@ -25,24 +23,19 @@ def test_smollm2_perplexity_is_low():
     tok = transformers.AutoTokenizer.from_pretrained(str(folder))
     model, config = _hf.load_pretrained(folder)
     assert config.num_layers == 30 and config.tie_word_embeddings
+    return tok, model
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_is_low():
+    """Next-token perplexity on plain English < 60 (a broken load gives hundreds or more)."""
+    tok, model = _smollm2()
     ids = jnp.asarray(tok(TEXT, return_tensors='np')['input_ids'])
     logits = model(ids)
     logp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.mean(jnp.take_along_axis(logp, ids[0, 1:, None], axis=-1))
     ppl = float(np.exp(nll))
     assert ppl < 60, ppl
-
-
-def _smollm2():
-    assets = pytest.importorskip('jaxprune.assets')
-    transformers = pytest.importorskip('transformers')
-    try:
-        folder = assets.fetch('smollm2-135m')
-    except Exception as e:  # noqa: BLE001 - any fetch failure means the asset is unavailable
-        pytest.skip(f'smollm2-135m asset unavailable: {e}')
-    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
-    model, _ = _hf.load_pretrained(folder)
-    return tok, model
 
 
 @pytest.mark.slow
