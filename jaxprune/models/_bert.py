@@ -24,7 +24,7 @@ MODEL_TYPES = ('bert', 'roberta')
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BertConfig:
+class BertConfig(_layers.PerLayerSizes):
     """Architecture of a BERT/RoBERTa sequence classifier.
 
     ``model_type='roberta'`` offsets position ids by ``pad_token_id + 1`` (padding tokens get
@@ -82,21 +82,8 @@ class BertConfig:
     num_kv_heads = property(lambda self: self.num_heads)
     q_per_kv = property(lambda self: 1)
 
-    def heads(self, layer: int) -> int:
-        return self.num_heads if self.layer_heads is None else self.layer_heads[layer]
-
     def kv_heads(self, layer: int) -> int:
         return self.heads(layer)
-
-    def mlp(self, layer: int) -> int:
-        return self.intermediate_size if self.layer_mlp is None else self.layer_mlp[layer]
-
-    @property
-    def is_uniform(self) -> bool:
-        return all(
-            self.heads(i) == self.num_heads and self.mlp(i) == self.intermediate_size
-            for i in range(self.num_layers)
-        )
 
     @classmethod
     def tiny(cls, **overrides) -> BertConfig:

@@ -318,3 +318,27 @@ def apply_rope(
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
+
+
+class PerLayerSizes:
+    """Per-layer sizes of a (possibly pruned) config: ``layer_heads``/``layer_mlp`` or uniform.
+
+    Mixed into the frozen ``LlamaConfig`` and ``BertConfig`` dataclasses, which define
+    ``num_heads``, ``intermediate_size``, ``num_layers``, ``layer_heads`` and ``layer_mlp``.
+    """
+
+    def heads(self, layer: int) -> int:
+        """Query heads in ``layer``."""
+        return self.num_heads if self.layer_heads is None else self.layer_heads[layer]
+
+    def mlp(self, layer: int) -> int:
+        """FFN width of ``layer``."""
+        return self.intermediate_size if self.layer_mlp is None else self.layer_mlp[layer]
+
+    @property
+    def is_uniform(self) -> bool:
+        """Every layer has the unpruned head count and FFN width."""
+        return all(
+            self.heads(i) == self.num_heads and self.mlp(i) == self.intermediate_size
+            for i in range(self.num_layers)
+        )

@@ -36,7 +36,7 @@ def _freeze(d):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LlamaConfig:
+class LlamaConfig(_layers.PerLayerSizes):
     """Architecture of a Llama-family decoder.
 
     ``layer_heads``/``layer_mlp`` hold per-layer query-head and FFN widths after pruning (``None``
@@ -112,24 +112,9 @@ class LlamaConfig:
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return None if self.rope_scaling is None else dict(self.rope_scaling)
 
-    def heads(self, layer: int) -> int:
-        """Query heads in ``layer``."""
-        return self.num_heads if self.layer_heads is None else self.layer_heads[layer]
-
     def kv_heads(self, layer: int) -> int:
         """KV heads in ``layer``."""
         return self.heads(layer) // self.q_per_kv
-
-    def mlp(self, layer: int) -> int:
-        """FFN width of ``layer``."""
-        return self.intermediate_size if self.layer_mlp is None else self.layer_mlp[layer]
-
-    @property
-    def is_uniform(self) -> bool:
-        return all(
-            self.heads(i) == self.num_heads and self.mlp(i) == self.intermediate_size
-            for i in range(self.num_layers)
-        )
 
     @classmethod
     def tiny(cls, **overrides) -> LlamaConfig:
