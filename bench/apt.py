@@ -276,12 +276,85 @@ def run_row(args) -> None:
         if args.row == 'lora':
             for scores in ('salience', 'magnitude'):
                 pruned, info = _oneshot(model, cfg, s, scores=scores)
+                # kept on disk so ``--remeasure`` can time every final model side by side
+                _apt_export.save_pruned(pruned, pruned.config,
+                                        pathlib.Path(cfg.run_dir) / f'oneshot-{scores}', hf=False)
                 rows.append(_measure(f'lora+oneshot-{scores}', pruned, cfg, s.tokenizer, s.splits,
                                      train_s=train_s + info['scoring_seconds'], extra=info))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     for r in rows:
         r['peak_rss_bytes'] = rss
     pathlib.Path(args.row_out).write_text(json.dumps(rows))
+
+
+def remeasure(args) -> int:
+    """Re-time the final models of a finished run side by side and rewrite ``--out``.
+
+    Row subprocesses time their own model, minutes apart, on a shared CPU; here every final model
+    (dense and LoRA from their checkpoints, the two-stage and APT models from their pruned
+    folders) is loaded into one process and timed in interleaved rounds, so the ratios compare
+    like with like. The in-row timings stay in the JSON as ``latency_*_inrow_s``.
+    """
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    import jaxprune.methods._apt_train  # noqa: F401  (registers prune.method=apt)
+    from jaxprune import config
+    from jaxprune.methods import _apt_export
+
+    tmp = pathlib.Path(args.remeasure)
+    result = json.loads(pathlib.Path(args.out).read_text())
+    models, cfg = {}, None
+    for name in ('dense', 'lora'):
+        if (tmp / name / 'config.yaml').exists():
+            cfg = config.load_config(tmp / name / 'config.yaml')
+            models[name] = _plain(_trained_model(cfg)[0])
+    for name, folder in (('lora+oneshot-salience', 'lora/oneshot-salience'),
+                         ('lora+oneshot-magnitude', 'lora/oneshot-magnitude'),
+                         ('apt', 'apt/pruned')):
+        if (tmp / folder).exists():
+            models[name] = _apt_export.load_pruned(tmp / folder)[0]
+    if cfg is None or 'dense' not in models:
+        raise FileNotFoundError(f'no dense run under {tmp}; pass the bench temp dir')
+    rng = np.random.default_rng(0)
+    inputs = {}
+    for b in (32, 1):
+        ids = rng.integers(1, 1000, size=(b, cfg.data.max_len)).astype(np.int32)
+        inputs[b] = (ids, np.ones_like(ids))
+    fns = {}
+    for name, m in models.items():
+        graphdef, state = nnx.split(m)
+        fns[name] = (jax.jit(lambda st, ids, am, g=graphdef: nnx.merge(g, st)(ids, am)), state)
+    for f, st in fns.values():
+        for x in inputs.values():
+            for _ in range(2):
+                jax.block_until_ready(f(st, *x))
+    times = {(n, b): [] for n in fns for b in inputs}
+    for _ in range(args.reps):
+        for n, (f, st) in fns.items():
+            for b, x in inputs.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(f(st, *x))
+                times[(n, b)].append(time.perf_counter() - t0)
+    lat = {k: float(np.median(v)) for k, v in times.items()}
+    dense = lat[('dense', 32)], lat[('dense', 1)]
+    for r in result['rows']:
+        if r['row'] not in fns:
+            continue
+        for b in (32, 1):
+            r.setdefault(f'latency_b{b}_inrow_s', r[f'latency_b{b}_s'])
+            r[f'latency_b{b}_s'] = lat[(r['row'], b)]
+        r['ratios']['latency_b32'] = r['latency_b32_s'] / dense[0]
+        r['ratios']['latency_b1'] = r['latency_b1_s'] / dense[1]
+    result['latency_method'] = (f'one process after training, models interleaved round by round, '
+                                f'median of {args.reps} (python bench/apt.py --remeasure DIR)')
+    result['latency_loadavg'] = os.getloadavg()
+    result['table'] = _table([r for r in result['rows'] if not r['row'].startswith('llama')])
+    print(result['table'])
+    pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f'wrote {args.out}')
+    return 0
 
 
 # ---- driver -------------------------------------------------------------------------------------
@@ -313,6 +386,9 @@ def main(argv=None) -> int:
     p.add_argument('--llama', action='store_true', help='add smollm2-135m rows (LoRA vs APT 0.7)')
     p.add_argument('--llama-steps', type=int, default=40)
     p.add_argument('--out', default=str(ROOT / 'bench/results/apt_minilm_cpu.json'))
+    p.add_argument('--remeasure', metavar='DIR',
+                   help='re-time the final models of a finished run (its temp dir) side by side')
+    p.add_argument('--reps', type=int, default=15, help='timing rounds for --remeasure')
     p.add_argument('--row', help=argparse.SUPPRESS)
     p.add_argument('--run-dir', help=argparse.SUPPRESS)
     p.add_argument('--row-out', help=argparse.SUPPRESS)
@@ -320,8 +396,11 @@ def main(argv=None) -> int:
     if args.row:
         run_row(args)
         return 0
+    if args.remeasure:
+        return remeasure(args)
     names = args.rows.split(',') + (['llama-lora', 'llama-apt'] if args.llama else [])
     tmp = pathlib.Path(tempfile.mkdtemp(prefix='jaxprune_bench_apt_'))
+    print(f'[bench] temp dir (for --remeasure): {tmp}', flush=True)
     rows = []
     for name in names:
         out = tmp / f'{name}.json'

@@ -134,7 +134,10 @@ def _taylor_keep(model, batches, density, criterion):
         for slc in s.slices:
             x = jnp.moveaxis(get(saliency, slc.path), slc.axis, 0)
             acc = acc + x.reshape(s.size, -1).sum(axis=1)
-        scores[(s.kind, s.layer)] = acc / s.params_per_unit
+        dens = acc / s.params_per_unit
+        # Surgery keeps one (zeroed) unit of a structure pruned to nothing, and those parameters
+        # still count: reserve each structure's best unit so the budget below is exact.
+        scores[(s.kind, s.layer)] = dens.at[jnp.argmax(dens)].set(jnp.inf)
     keep = _budget.budget_keep(scores, structs, _budget.param_shapes(pure), density)
     return {k: np.asarray(v) for k, v in keep.items()}
 
