@@ -116,8 +116,9 @@ class Checkpointer:
         reading the files or exiting.
 
     Example:
-      >>> import tempfile
-      >>> ckpt = Checkpointer(tempfile.mkdtemp(), max_to_keep=2)
+      >>> import shutil, tempfile
+      >>> run_dir = tempfile.mkdtemp()
+      >>> ckpt = Checkpointer(run_dir, max_to_keep=2)
       >>> state = {'params': {'w': jnp.ones((2, 3))}, 'rng': jax.random.key(0)}
       >>> ckpt.save(100, state, {'batches_seen': 100})
       True
@@ -128,6 +129,7 @@ class Checkpointer:
       >>> step, restored, meta = ckpt.restore_latest_valid(target=target)  # None if empty
       >>> step
       100
+      >>> ckpt.close(); shutil.rmtree(run_dir)
     """
 
     def __init__(

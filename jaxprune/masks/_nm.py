@@ -173,6 +173,21 @@ def nm_masks(scores: Any, *, n: int = 2, m: int = 4, include: str = DEFAULT_INCL
 
     Raises:
       ValueError: if a matching kernel's K is not divisible by ``m`` (the message names it).
+
+    Example:
+      2:4 magnitude masks; each column keeps its two largest ``|w|`` per group of four rows:
+
+      >>> import jax.numpy as jnp
+      >>> w = jnp.array([[0.1, -4.0], [3.0, 0.2], [-2.0, 1.0], [0.5, 0.3]])  # (K=4, N=2)
+      >>> params = {'layers': [{'mlp': {'kernel': w}}], 'embed': {'embedding': jnp.ones((8, 2))}}
+      >>> masks = nm_masks(jax.tree.map(jnp.abs, params), n=2, m=4)
+      >>> masks['layers'][0]['mlp']['kernel'].astype(int)
+      Array([[0, 1],
+             [1, 0],
+             [1, 1],
+             [0, 0]], dtype=int32)
+      >>> masks['embed']['embedding'] is None  # not under 'layers': stays dense
+      True
     """
     _check_nm(n, m)
     pattern = re.compile(include)

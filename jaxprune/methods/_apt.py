@@ -93,6 +93,26 @@ def apt(
     Returns:
       ``optax.GradientTransformationExtraArgs``; ``update(..., salience=...)``.
 
+    Example:
+      The soft masks (one per structure, all 1 at the start) live in the optimizer state:
+
+      >>> import optax
+      >>> from flax import nnx
+      >>> from jaxprune import models
+      >>> config = models.LlamaConfig.tiny()
+      >>> params = nnx.to_pure_dict(nnx.state(models.Llama(config, rngs=nnx.Rngs(0)), nnx.Param))
+      >>> tx = apt(1e-3, structures=models.structures(config), shapes_or_params=params,
+      ...          target_density=0.5, total_steps=100)
+      >>> masks = optax.tree.get(tx.init(params), 'masks')
+      >>> {key: mask.tolist() for key, mask in masks.items() if key[0] == 'heads'}
+      {('heads', 0): [1.0, 1.0], ('heads', 1): [1.0, 1.0]}
+      >>> masks[('mlp', 0)].shape, masks[('hidden', None)].shape
+      ((64,), (32,))
+
+      In training, ``params`` are the trainable ones (LoRA factors), ``update`` gets
+      ``salience=`` from :func:`value_grads_and_salience`, and the loop runs
+      :func:`after_pruning_step` at the pruning steps.
+
     References:
       Zhao, Hajishirzi, Cao, *APT: Adaptive Pruning and Tuning Pretrained Language Models for
       Efficient Training and Inference*, ICML 2024, Sec. 4 and Alg. 1.

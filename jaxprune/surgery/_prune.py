@@ -201,6 +201,23 @@ def prune(
 
     Raises:
       ValueError: if a keep vector does not match its structure's size.
+
+    Example:
+      Drop every other FFN neuron of layer 0 of a tiny Llama (``up``/``gate`` lose columns,
+      ``down`` loses rows; layer 1 is untouched):
+
+      >>> import numpy as np
+      >>> from flax import nnx
+      >>> from jaxprune import models
+      >>> config = models.LlamaConfig.tiny()
+      >>> params = nnx.to_pure_dict(nnx.state(models.Llama(config, rngs=nnx.Rngs(0)), nnx.Param))
+      >>> keep = {('mlp', 0): np.arange(config.intermediate_size) % 2 == 0}
+      >>> new_config, new_params = prune(config, params, keep)
+      >>> new_config.layer_mlp
+      (32, 64)
+      >>> mlp = new_params['layers'][0]['mlp']
+      >>> mlp['up_proj']['kernel'].shape, mlp['down_proj']['kernel'].shape
+      ((32, 32), (32, 32))
     """
     if structures is None:
         structures = _structures_for(config, params)

@@ -158,6 +158,20 @@ def group_lasso(
     Raises:
       ValueError: at update time when ``params`` is missing.
 
+    Example:
+      The columns of a LoRA ``B`` are groups; column 0 feeds a pruned channel (mask 0), so its
+      norm 5 shrinks by ``eta * alpha = 2.5``; the kept column 1 is untouched:
+
+      >>> import jax, jax.numpy as jnp, optax
+      >>> params = {'lora_b': jnp.array([[3.0, 0.5], [4.0, 0.5]])}
+      >>> shares_fn = lambda masks, p: {'lora_b': (1.0 - masks)[None, :]}
+      >>> tx = group_lasso(shares_fn, strength=2.5, learning_rate=1.0)
+      >>> zero = jax.tree.map(jnp.zeros_like, params)
+      >>> updates, _ = tx.update(zero, tx.init(params), params, masks=jnp.array([0.0, 1.0]))
+      >>> optax.apply_updates(params, updates)['lora_b']
+      Array([[1.5, 0.5],
+             [2. , 0.5]], dtype=float32)
+
     References:
       Lu et al., 2024 (ATP), arXiv:2412.14426, sparsity regularisation: group lasso on the
       LoRA weights of pruned structures with proximal updates; Yuan & Lin, 2006 (group

@@ -99,6 +99,24 @@ def sparsify(
     Raises:
       ValueError: if ``update_every < 1``, or ``update`` is called without ``params``.
 
+    Example:
+      One 2:4 kernel under ``layers``; a gradient step makes ``w[0, 0]`` the largest of its group,
+      so the recomputed mask keeps rows 0 and 1 of column 0 instead of rows 1 and 2:
+
+      >>> import jax.numpy as jnp, optax
+      >>> w = jnp.array([[1.0, -4.0], [3.0, 0.2], [-2.0, 1.0], [0.5, 0.3]])
+      >>> params = {'layers': [{'kernel': w}]}
+      >>> tx = sparsify(optax.sgd(0.1), update_every=1)
+      >>> state = tx.init(params)
+      >>> state.masks['layers'][0]['kernel'][:, 0].tolist()
+      [False, True, True, False]
+      >>> grads = {'layers': [{'kernel': jnp.zeros((4, 2)).at[0, 0].set(-30.0)}]}
+      >>> updates, state = tx.update(grads, state, params)
+      >>> state.masks['layers'][0]['kernel'][:, 0].tolist()
+      [True, True, False, False]
+      >>> int(state.count), float(state.flip_rate)  # 2 of 8 mask entries changed
+      (1, 0.25)
+
     References:
       Huang et al., *Pruning Large Language Models with Semi-Structural Adaptive Sparse
       Training*, AAAI 2025, Sec. 3 (adaptive masks recomputed every few steps, flip rate);

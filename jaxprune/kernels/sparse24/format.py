@@ -144,6 +144,22 @@ def compress(w: Float[Array, 'K N']) -> Sparse24:
         than two non-zeros (named by rows and column). Under ``jit`` the data check cannot run:
         extra non-zeros are dropped, keeping the first two by position; check with
         :func:`is_24` outside ``jit``.
+
+    Example:
+      Column 0 keeps rows 0 and 2; column 1 has one non-zero (row 1), padded with row 0:
+
+      >>> import jax.numpy as jnp
+      >>> w = jnp.array([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, 0.0]])
+      >>> s = compress(w)
+      >>> s.values[:, 0]  # [plane, column] of group 0: the kept pair in ascending position
+      Array([[1., 0.],
+             [3., 2.]], dtype=float32)
+      >>> s.meta  # idx0 | idx1 << 2 per column: (0, 2) -> 8, (0, 1) -> 4
+      Array([[8, 4]], dtype=uint8)
+      >>> compress(jnp.ones((4, 1)))
+      Traceback (most recent call last):
+      ...
+      ValueError: w (shape (4, 1)) is not 2:4 sparse along axis 0: rows 0..3, column 0 ...
     """
     _check_dense(w)
     w = jnp.asarray(w)
@@ -202,6 +218,11 @@ def decompress(s: Sparse24) -> Float[Array, 'K N']:
     Raises:
       TypeError: ``s`` is not a ``Sparse24``.
       ValueError: ``values``/``meta`` shapes or dtypes inconsistent with the format.
+
+    Example:
+      >>> w = jnp.array([[0.0], [5.0], [0.0], [7.0]])
+      >>> decompress(compress(w)).ravel().tolist()
+      [0.0, 5.0, 0.0, 7.0]
     """
     d = planes(s)  # [4, G, N]
     return jnp.moveaxis(d, 0, 1).reshape(s.shape)
