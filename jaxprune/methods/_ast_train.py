@@ -23,9 +23,11 @@ How the pieces of ``jaxprune.methods._ast`` map onto the loop's hook (``jaxprune
   cross-entropy (AST: ``CE + 0.5 KL``, ``T = 2``).
 * **Flip rate**: ``on_step_end`` appends ``{'event': 'mask', 'flip_rate': ...}`` to the run's
   ``metrics.jsonl`` after every recompute (the loop logs a fixed set of train keys).
-* **AST-Boosted** (``slorb: true``): needs SLoRB parameters on the model's sparse Linears
-  (:func:`add_slorb`); the loop's model factory does not add them yet, so the trainer path
-  raises and ``bench/ast.py`` builds the boosted model itself.
+* **AST-Boosted** (``slorb: true``): ``prepare_model`` (run by the loop on the freshly built
+  model, before it is split, the optimizer is initialised or a checkpoint is restored) adds the
+  trainable SLoRB weights ``S`` (:func:`add_slorb`) to every sparse Linear, initialised from the
+  run's initial masks (the same score as the transform's initial masks). ``S`` trains with the
+  other params; the forward adds ``(P x) S``; the teacher has ``S = 0`` (the dense model).
 
 Deviation: Wanda initial masks (``init_score: wanda``) re-load the model and run a calibration
 pass over ``calib_sequences`` training windows inside ``transforms``.
@@ -36,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 import time
 from typing import Any, NamedTuple
@@ -50,6 +53,7 @@ from jaxprune import train as train_lib
 from jaxprune.masks import _nm
 from jaxprune.methods import _ast, _calibrate, _distill
 from jaxprune.scores import _magnitude, _wanda
+from jaxprune.train import _factory
 from jaxprune.transforms import _decay, _sparsify
 
 _INIT_SCORES = ('magnitude', 'wanda')
@@ -237,6 +241,46 @@ class AstMethod:
         self.steps = steps
         self.flip_history: list[tuple[int, float]] = []
 
+    # -- model ---------------------------------------------------------------------------------
+    def initial_masks(self, params: Any) -> Any:
+        """The N:M masks the run starts from (what the transform's ``init`` computes)."""
+        cfg = self.cfg
+        return _nm.nm_masks(self.init_score_fn()(params), n=cfg.n, m=cfg.m, include=cfg.include)
+
+    def prepare_model(self, model: nnx.Module) -> nnx.Module:
+        """AST-Boosted: adds SLoRB ``S`` to the sparse Linears when ``prune.slorb`` (in place).
+
+        ``S`` starts as the block mean of the weights pruned by :meth:`initial_masks`, scored on
+        the params cast to ``model.param_dtype`` as the loop's optimizer init sees them. A model
+        that already has SLoRB weights is returned unchanged.
+
+        Raises:
+          ValueError: ``prune.slorb_k`` does not divide the input size K of a sparse kernel.
+        """
+        cfg = self.cfg
+        params = nnx.state(model, nnx.Param)
+        if not cfg.slorb or _has_slorb(params):
+            return model
+        if self.run_cfg is not None:
+            p_dtype = _factory.dtype(self.run_cfg.model.param_dtype)
+            params = jax.tree.map(
+                lambda x: x.astype(p_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                params)
+        masks = self.initial_masks(params)
+        flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)[0]
+        sizes = {_nm.path_str(p): int(mk.shape[0]) for p, mk in flat if mk is not None}
+        bad = {p: size for p, size in sizes.items() if size % cfg.slorb_k}
+        if bad:
+            g = math.gcd(*sizes.values())
+            fit = max(d for d in range(1, 17) if g % d == 0)
+            path, size = next(iter(bad.items()))
+            raise ValueError(
+                f'prune.slorb_k={cfg.slorb_k} must divide the input size K of every sparse kernel '
+                f'but {path} has K={size} ({len(bad)} kernels affected); set prune.slorb_k to a '
+                f'divisor of {g}, e.g. prune.slorb_k={fit}')
+        add_slorb(model, masks, k=cfg.slorb_k, include=cfg.include)
+        return model
+
     # -- optimizer -----------------------------------------------------------------------------
     def init_score_fn(self):
         """The mask score: magnitude, or Wanda with the calibration norms (computed once).
@@ -268,9 +312,10 @@ class AstMethod:
     def transforms(self, trainable: Any) -> tuple[optax.GradientTransformation, ...]:
         if self.cfg.slorb and not _has_slorb(trainable):
             raise ValueError(
-                'prune.slorb=true needs SLoRB parameters on the model (jaxprune.methods.'
-                '_ast_train.add_slorb); the training loop does not add them yet: set '
-                'prune.slorb=false or build the model with add_slorb (see bench/ast.py)')
+                'prune.slorb=true but the trainable params hold no SLoRB weights: build the '
+                'model through jaxprune.train.setup (it calls AstMethod.prepare_model) or call '
+                'method.prepare_model(model) before nnx.split, and train all params '
+                '(lora.enabled=false or train.full_finetune=true); or set prune.slorb=false')
         cfg = self.cfg
         return (ast_train_transform(
             n=cfg.n, m=cfg.m, update_every=cfg.update_every, decay=cfg.decay,

@@ -66,6 +66,7 @@ def setup(cfg: config_lib.RunCfg, *, mesh: jax.sharding.Mesh | None = None) -> S
 
     model, arch, tokenizer = _factory.build_model(cfg.model, cfg.lora)
     method = _method.build_method(cfg.prune, run_cfg=cfg)
+    model = _method.prepare_model_fn(method)(model)  # before split: a restore target sees it
     graphdef, trainable, rest = nnx.split(model, trainable_filter(cfg), ...)
     p_dtype = _factory.dtype(cfg.model.param_dtype)
     trainable = jax.tree.map(

@@ -16,6 +16,10 @@ A ``Method`` contributes these things and nothing else:
   ``((loss, aux), grads, update_kwargs)``; ``update_kwargs`` reach ``tx.update`` as extra args
   (APT passes ``salience=`` gathered from activation taps in the same backward pass). The default
   is ``jax.value_and_grad(fn, has_aux=True)`` with no extra args.
+* ``prepare_model(model)`` (optional, outside ``jit``, once per ``setup``): may add parameters
+  to the freshly built NNX model before it is split and the optimizer is initialised (AST-Boosted
+  adds its SLoRB branch); returns the model. It also runs before a checkpoint restore, so the
+  restore target has the added parameters.
 * ``on_step_end(step, state)``: runs outside ``jit`` after every step with a host-side
   ``LoopState``; this is where shape-changing surgery happens (return a new state with a new
   graphdef; the loop re-jits when the graphdef changes).
@@ -54,8 +58,9 @@ class LoopState:
 class Method(Protocol):
     """What a pruning method provides to the training loop (see the module docstring).
 
-    ``prepare`` and ``value_and_grad`` are optional; the loop uses ``default_prepare`` and
-    ``default_value_and_grad`` for a method that does not define them.
+    ``prepare``, ``value_and_grad`` and ``prepare_model`` are optional; the loop uses
+    ``default_prepare``, ``default_value_and_grad`` and the identity for a method that does not
+    define them.
     """
 
     def transforms(self, trainable: optax.Params) -> tuple[optax.GradientTransformation, ...]:
@@ -79,6 +84,11 @@ def default_value_and_grad(fn, trainable, rest, batch, masks, rng):
     """Plain ``jax.value_and_grad`` over ``trainable``; no extra args for ``tx.update``."""
     (loss, aux), grads = jax.value_and_grad(fn, has_aux=True)(trainable, rest, batch, masks, rng)
     return (loss, aux), grads, {}
+
+
+def prepare_model_fn(method: Any) -> Callable[[nnx.Module], nnx.Module]:
+    """The method's ``prepare_model`` hook, or the identity."""
+    return getattr(method, 'prepare_model', lambda model: model)
 
 
 def prepare_fn(method: Any) -> Callable[[Any, Any, Any], tuple[Any, Any, Any]]:

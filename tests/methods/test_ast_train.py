@@ -2,6 +2,7 @@
 
 import functools
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -171,6 +172,7 @@ def test_train_loop_end_to_end(tmp_path):
     assert [r['step'] for r in flips] == [6, 11]
     assert all(0.0 <= r['flip_rate'] <= 1.0 for r in flips)
     s = train_lib.setup(cfg)
+    assert not _slorb_paths(s.state.trainable)  # prune.slorb=false adds no branch
     from jaxprune import checkpoint, sharding
 
     ck = checkpoint.Checkpointer(cfg.checkpoint_dir)
@@ -227,3 +229,173 @@ def test_recompute_uses_the_initial_score():
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got),
                                                          jax.tree.leaves(mag), strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# AST-Boosted (prune.slorb=true) through the loop's prepare_model hook.
+
+
+def _np_nm_keep(score, n=2, m=4):
+    """Numpy reference N:M mask: the n largest scores of every group of m rows (along K)."""
+    k, cols = score.shape
+    order = np.argsort(-score.reshape(k // m, m, cols), axis=1)
+    keep = np.zeros((k // m, m, cols), bool)
+    np.put_along_axis(keep, order[:, :n], True, axis=1)
+    return keep.reshape(k, cols)
+
+
+def _np_slorb(w, keep, k=16):
+    """Numpy reference SLoRB init: block means (over k rows) of the pruned weights."""
+    return np.where(keep, 0.0, w).reshape(w.shape[0] // k, k, w.shape[1]).mean(1)
+
+
+def _flat(tree):
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+    return {_nm.path_str(p): x for p, x in flat if x is not None}
+
+
+def _slorb_paths(params):
+    return sorted(p.removesuffix('.slorb') for p in _flat(params) if p.endswith('.slorb'))
+
+
+def _folded(params, masks, k=16):
+    """{path: array}: every SLoRB'd kernel replaced by W * M + repeat(S, k) (plain jnp), no S."""
+    flat, mk = _flat(params), _flat(masks)
+    out = {p: x for p, x in flat.items() if not p.endswith('.slorb')}
+    for mod in _slorb_paths(params):
+        w, keep = out[f'{mod}.kernel'], mk[f'{mod}.kernel']
+        out[f'{mod}.kernel'] = jnp.where(keep, w, 0) + jnp.repeat(flat[f'{mod}.slorb'], k, 0)
+    return out
+
+
+def _plain_model(arch, flat):
+    """A Llama without SLoRB whose params are ``flat`` (every path must be present)."""
+    model = _llama.Llama(arch, rngs=nnx.Rngs(1))
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.asarray(flat[_nm.path_str(p)], x.dtype), state))
+    return model
+
+
+@pytest.mark.parametrize('init_score', ['magnitude', 'wanda'])
+def test_prepare_model_slorb_matches_reference(init_score):
+    """S of every sparse Linear == numpy block mean (k=16) of the weights pruned by the numpy 2:4
+    mask of the run's initial score (|W|, or |W| * ||X|| for Wanda); rtol 1e-6."""
+    model = _llama.Llama(CFG, rngs=nnx.Rngs(0))
+    dense = {p: np.asarray(x) for p, x in _flat(nnx.state(model, nnx.Param)).items()}
+    rng = np.random.default_rng(0)
+    norms = {p: jnp.asarray(rng.uniform(0.01, 10.0, x.shape[0]), jnp.float32)
+             for p, x in dense.items() if x.ndim == 2 and p.startswith('layers.')}
+    method = _ast_train.AstMethod(
+        _ast_train.AstCfg(method='ast', slorb=True, init_score=init_score),
+        act_norms=norms if init_score == 'wanda' else None)
+    assert method.prepare_model(model) is model
+    params = _flat(nnx.state(model, nnx.Param))
+    mods = _slorb_paths(nnx.state(model, nnx.Param))
+    assert len(mods) == 14
+    for mod in mods:
+        w = dense[f'{mod}.kernel']
+        score = np.abs(w) * (np.asarray(norms[f'{mod}.kernel'])[:, None]
+                             if init_score == 'wanda' else 1.0)
+        want = _np_slorb(w, _np_nm_keep(score))
+        np.testing.assert_allclose(np.asarray(params[f'{mod}.slorb']), want, rtol=1e-6,
+                                   atol=1e-8, err_msg=mod)
+    before = {p: np.asarray(x) for p, x in params.items()}
+    method.prepare_model(model)  # idempotent: an existing S is kept
+    for p, x in _flat(nnx.state(model, nnx.Param)).items():
+        np.testing.assert_array_equal(np.asarray(x), before[p])
+
+
+def test_prepare_model_without_slorb_adds_nothing():
+    model = _llama.Llama(CFG, rngs=nnx.Rngs(0))
+    before = jax.tree.structure(nnx.state(model, nnx.Param))
+    _ast_train.AstMethod(_ast_train.AstCfg(method='ast')).prepare_model(model)
+    assert jax.tree.structure(nnx.state(model, nnx.Param)) == before
+    assert not _slorb_paths(nnx.state(model, nnx.Param))
+
+
+def test_prepare_model_rejects_slorb_k_not_dividing_k():
+    """Tiny Llama kernels have K in {32, 64}: k=12 fails naming the field and a k that fits."""
+    model = _llama.Llama(CFG, rngs=nnx.Rngs(0))
+    method = _ast_train.AstMethod(_ast_train.AstCfg(method='ast', slorb=True, slorb_k=12))
+    with pytest.raises(ValueError, match=r'prune\.slorb_k=12 .*K=32.*prune\.slorb_k=16'):
+        method.prepare_model(model)
+    assert not _slorb_paths(nnx.state(model, nnx.Param))
+
+
+def _restore(cfg):
+    from jaxprune import checkpoint, sharding
+
+    s = train_lib.setup(cfg)
+    ck = checkpoint.Checkpointer(cfg.checkpoint_dir)
+    step, state, _ = ck.restore_latest_valid(target=sharding.abstract_like(s.state))
+    ck.close()
+    return s, step, state
+
+
+def test_train_loop_slorb_end_to_end(tmp_path):
+    """``prune.slorb=true`` through ``jaxprune.train``: the trainable params gain S (init ==
+    numpy block mean under the optimizer state's initial masks, rtol 1e-6); the step's forward ==
+    a plain model with kernels W*M + repeat(S, 16) (atol 1e-5) and != the masked model without
+    S; S trains; the teacher has S = 0; a run resumed from step 3 ends bit-equal to the
+    uninterrupted one; the compressed 2:4 model of the result == the folded reference (1e-5)."""
+    import shutil
+
+    from jaxprune.methods import _ast_infer
+
+    def cfg_for(run_dir):
+        return config.load_config('configs/ast_tiny.yaml', [
+            f'run_dir={run_dir}', 'mesh.data=1', 'prune.slorb=true', 'train.steps=6',
+            'checkpoint.every=3', 'checkpoint.keep=3'])
+
+    cfg = cfg_for(tmp_path / 'a')
+    s = train_lib.setup(cfg)
+    init = s.state.trainable
+    ast_state = optax.tree.get(s.state.opt_state, 'masks')
+    mods = _slorb_paths(init)
+    assert len(mods) == 14
+    flat0, mk0 = _flat(init), _flat(ast_state['weights'])
+    for mod in mods:
+        want = _np_slorb(np.asarray(flat0[f'{mod}.kernel']), np.asarray(mk0[f'{mod}.kernel']))
+        np.testing.assert_allclose(np.asarray(flat0[f'{mod}.slorb']), want, rtol=1e-6,
+                                   atol=1e-8, err_msg=mod)
+    ids = _batch(2, 8)['input_ids']
+    t, r, model_masks = s.method.prepare(init, s.rest, ast_state)
+    assert model_masks is None
+    got = nnx.merge(s.graphdef, t, r)(ids)
+    ref = _plain_model(s.arch, _folded(init, ast_state['weights']))(ids)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    no_s = {p: x for p, x in _flat(init).items() if not p.endswith('.slorb')}
+    for mod in mods:
+        no_s[f'{mod}.kernel'] = jnp.where(mk0[f'{mod}.kernel'], no_s[f'{mod}.kernel'], 0)
+    assert float(jnp.max(jnp.abs(got - _plain_model(s.arch, no_s)(ids)))) > 1e-3
+
+    assert np.isfinite(train_lib.train(cfg, progress=False)['perplexity'])
+    _, step, state = _restore(cfg)
+    assert step == 6
+    trained = _flat(state.trainable)
+    moved = [float(np.max(np.abs(np.asarray(trained[f'{m}.slorb']) - np.asarray(
+        flat0[f'{m}.slorb'])))) for m in mods]
+    assert min(moved) > 1e-4, moved
+    teacher = _flat(optax.tree.get(state.opt_state, 'masks')['teacher'])
+    assert all(float(jnp.max(jnp.abs(teacher[f'{m}.slorb']))) == 0.0 for m in mods)
+
+    # Resume: drop the final checkpoint of a copy and run again from step 3.
+    shutil.copytree(tmp_path / 'a', tmp_path / 'b')
+    cfg_b = cfg_for(tmp_path / 'b')
+    shutil.rmtree(pathlib.Path(cfg_b.checkpoint_dir) / '6')
+    train_lib.train(cfg_b, progress=False)
+    resumes = [json.loads(line) for line in (tmp_path / 'b' / 'metrics.jsonl').read_text()
+               .splitlines() if json.loads(line)['event'] == 'resume']
+    assert [r['step'] for r in resumes] == [3]
+    s_b, step_b, state_b = _restore(cfg_b)
+    assert step_b == 6
+    for p, x in _flat(state_b.trainable).items():
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(trained[p]), err_msg=p)
+
+    # Inference: compressed 2:4 + SLoRB == W*M + repeat(S, 16) with the trained S.
+    masks = _ast_train.final_masks(state.opt_state)
+    ref = _plain_model(s.arch, _folded(state.trainable, masks))(ids)
+    model = nnx.merge(s_b.graphdef, state.trainable, s_b.rest)
+    _ast_infer.compress_model(model, masks, implementation='xla')
+    np.testing.assert_allclose(model(ids), ref, atol=1e-5)
