@@ -66,6 +66,7 @@ from jaxprune.methods._ast_infer import eval_perplexity as eval_perplexity
 from jaxprune.methods._ast_infer import export_sparse24 as export_sparse24
 from jaxprune.methods._ast_infer import generate as generate
 from jaxprune.methods._ast_infer import load_sparse24 as load_sparse24
+from jaxprune.methods._ast_infer import mask_dict as mask_dict
 from jaxprune.methods._ast_infer import weight_bytes as weight_bytes
 from jaxprune.methods._atp_train import AtpCfg as AtpCfg
 from jaxprune.methods._atp_train import atp_export as atp_export
