@@ -62,7 +62,7 @@ def _run_cfg(args) -> config.RunCfg:
     overrides = [
         f'run_dir={args.run_dir}', f'train.steps={s}', f'train.warmup_steps={max(1, s // 10)}',
         f'prune.lasso_every={max(1, s // 10)}', f'prune.target_density={args.density}',
-        'checkpoint.resume=false',
+        'checkpoint.resume=false', *args.set,
     ]
     return config.load_config(ROOT / CONFIGS[args.model], overrides)
 
@@ -180,6 +180,8 @@ def main(argv=None) -> dict:
     p.add_argument('--reps', type=int, default=7)
     p.add_argument('--run-dir', default='/tmp/jaxprune_bench_atp')
     p.add_argument('--out', default=None)
+    p.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE',
+                   help='extra config overrides, e.g. prune.bias=3.0 prune.generator_lr=0.03')
     args = p.parse_args(argv)
     cfg = _run_cfg(args)
     dcfg = cfg.data
