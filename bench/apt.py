@@ -60,7 +60,7 @@ def _overrides(args, row: str, run_dir: str) -> tuple[str, list[str]]:
     if row == 'apt':
         return 'configs/apt_minilm_rotten_tomatoes.yaml', common + [
             f'prune.target_density={DENSITY}', f'prune.num_pruning_steps={args.pruning_steps}',
-            'prune.check_compaction=true']
+            'prune.check_compaction=true', *args.set]
     if row == 'llama-lora':
         return 'configs/smollm2_shakespeare_lora.yaml', [
             f'run_dir={run_dir}', f'train.steps={args.llama_steps}', 'train.eval_every=0',
@@ -389,6 +389,10 @@ def main(argv=None) -> int:
     p.add_argument('--remeasure', metavar='DIR',
                    help='re-time the final models of a finished run (its temp dir) side by side')
     p.add_argument('--reps', type=int, default=15, help='timing rounds for --remeasure')
+    p.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE',
+                   help='extra config overrides for the apt row, e.g. prune.prune_start_fraction=0.2')
+    p.add_argument('--reuse', metavar='DIR',
+                   help='take the rows not in --rows from a finished run (its temp dir)')
     p.add_argument('--row', help=argparse.SUPPRESS)
     p.add_argument('--run-dir', help=argparse.SUPPRESS)
     p.add_argument('--row-out', help=argparse.SUPPRESS)
@@ -407,7 +411,8 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, '--row', name, '--run-dir', str(tmp / name),
                '--row-out', str(out), '--steps', str(args.steps), '--max-len', str(args.max_len),
                '--batch-size', str(args.batch_size), '--pruning-steps', str(args.pruning_steps),
-               '--llama-steps', str(args.llama_steps), '--eval-examples', str(args.eval_examples)]
+               '--llama-steps', str(args.llama_steps), '--eval-examples', str(args.eval_examples),
+               '--set', *args.set]
         print(f'[bench] {name}: {" ".join(cmd)}', flush=True)
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, cwd=ROOT, check=False).returncode
@@ -415,6 +420,15 @@ def main(argv=None) -> int:
         if rc == 0:
             rows.extend(json.loads(out.read_text()))
             pathlib.Path(args.out + '.partial').write_text(json.dumps(rows, indent=2))
+    if args.reuse:  # finished rows of an earlier run with the same budget (e.g. dense, lora)
+        import shutil
+
+        old = pathlib.Path(args.reuse)
+        for f in sorted(old.glob('*.json')):
+            if f.stem not in names:
+                rows.extend(json.loads(f.read_text()))
+                shutil.copytree(old / f.stem, tmp / f.stem)  # so --remeasure finds the models
+                shutil.copy(f, tmp / f.name)
     order = {n: i for i, n in enumerate(['dense', 'lora', 'lora+oneshot-salience',
                                          'lora+oneshot-magnitude', 'apt'])}
     rows.sort(key=lambda r: order.get(r['row'], 99))
