@@ -254,7 +254,12 @@ class Checkpointer:
             f'checkpoint {step=} in {self.directory / str(step)} is unreadable ({reason}); {hint}'
         )
 
-    def _read_meta(self, step: int) -> dict[str, Any]:
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON meta of checkpoint ``step`` alone (no arrays are read).
+
+        Raises:
+          CorruptCheckpointError: if the meta cannot be read.
+        """
         args = ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
         try:
             meta = self._manager.restore(step, args=args)[_META]
@@ -299,7 +304,7 @@ class Checkpointer:
                 f'{step=} not found in {self.directory}; available steps: {steps}'
             )
         if callable(target):
-            target = target(self._read_meta(step))
+            target = target(self.read_meta(step))
         storage_target = jax.tree_util.tree_map_with_path(_storage_target, target)
         try:
             found = self._manager.item_metadata(step)[_STATE]
