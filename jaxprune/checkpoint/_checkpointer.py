@@ -5,6 +5,7 @@ import logging
 import operator
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Any, Self
 
 import jax
@@ -255,14 +256,33 @@ class Checkpointer:
             f'checkpoint {step=} in {self.directory / str(step)} is unreadable ({reason}); {hint}'
         )
 
-    def restore(self, step: int | None = None, *, target: Any) -> tuple[Any, dict[str, Any]]:
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON meta of checkpoint ``step`` alone (no arrays are read).
+
+        Raises:
+          CorruptCheckpointError: if the meta cannot be read.
+        """
+        args = ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
+        try:
+            meta = self._manager.restore(step, args=args)[_META]
+        except Exception as e:  # orbax raises many types for unreadable/missing JSON
+            raise self._corrupt(step, f'meta: {type(e).__name__}: {str(e)[:300]}') from e
+        if meta is None:
+            raise self._corrupt(step, 'meta JSON is missing')
+        return meta
+
+    def restore(
+        self, step: int | None = None, *, target: Any | Callable[[dict[str, Any]], Any]
+    ) -> tuple[Any, dict[str, Any]]:
         """Restores checkpoint ``step`` (default: latest) into the structure of ``target``.
 
         Args:
           step: the step to restore; ``None`` = the newest on disk.
           target: tree with the saved state's structure whose leaves have ``shape``, ``dtype``
             and optionally ``sharding`` (``jax.ShapeDtypeStruct`` or arrays). Restored arrays get
-            the target's shardings; typed PRNG-key leaves come back as keys.
+            the target's shardings; typed PRNG-key leaves come back as keys. Or a function
+            ``target(meta) -> tree`` called with the step's meta before the state is read, for
+            states whose shapes are recorded in the meta (e.g. a model compacted by pruning).
 
         Returns:
           ``(state, meta)``.
@@ -285,6 +305,8 @@ class Checkpointer:
             raise FileNotFoundError(
                 f'{step=} not found in {self.directory}; available steps: {steps}'
             )
+        if callable(target):
+            target = target(self.read_meta(step))
         storage_target = jax.tree_util.tree_map_with_path(_storage_target, target)
         try:
             found = self._manager.item_metadata(step)[_STATE]
@@ -314,7 +336,7 @@ class Checkpointer:
         return _rewrap(target, out[_STATE]), meta
 
     def restore_latest_valid(
-        self, *, target: Any, quarantine: bool = True
+        self, *, target: Any | Callable[[dict[str, Any]], Any], quarantine: bool = True
     ) -> tuple[int, Any, dict[str, Any]] | None:
         """Restores the newest step that reads cleanly, falling back to older ones.
 
@@ -323,15 +345,15 @@ class Checkpointer:
         that the resumed run can save that step number again.
 
         Args:
-          target: as in ``restore``.
+          target: as in ``restore``; a function is called again with each older step's meta.
           quarantine: move corrupt newer steps aside (default) instead of leaving them in place.
 
         Returns:
           ``(step, state, meta)``, or ``None`` if the directory holds no checkpoint.
 
         Raises:
-          ValueError: on a structure mismatch (this is a configuration error, not corruption,
-            so no fallback is attempted).
+          ValueError: on a structure mismatch, or raised by a ``target`` function (these are
+            configuration errors, not corruption, so no fallback is attempted).
           CorruptCheckpointError: if every step is corrupt.
         """
         steps = self.all_steps()

@@ -18,6 +18,14 @@ State. Everything the jitted step needs lives in the optimizer state under the s
 hooks (which receive ``masks``) see the LoRA rank masks, the teacher snapshot and ``mu``, and all
 of it is checkpointed with the optimizer state.
 
+Resumption. Every checkpoint's ``meta['method']`` (:meth:`AptMethod.checkpoint_meta`) records the
+surgeries done so far (pruning count, keep vectors as packed bits, LoRA bucket after the step),
+the growth budget's reference and the settings that decide shapes (``RESUME_FIELDS``). On resume
+:meth:`AptMethod.restore` replays those surgeries on the frozen backbone rebuilt from
+``model.name_or_path`` (gathers, so bit-exact), rebuilds the model at the pruned shapes and hands
+the loop an abstract trainable of those shapes; params, Adam moments, masks, EMAs and the teacher
+then come from the checkpoint. A changed shape-deciding setting is an error naming the field.
+
 Deliberate deviations from the paper / reference code:
 
 * Self-distillation uses the logit KL only. The layer-wise hidden MSE needs every layer's hidden
@@ -59,6 +67,14 @@ logger = logging.getLogger(__name__)
 
 Key = tuple[str, int | None]
 EMBEDDING_MODULES = ('word_embed', 'pos_embed', 'type_embed', 'embed', 'lm_head')
+# Settings that decide when and how much is pruned and how the LoRA bucket grows, i.e. the shapes
+# of the state at a given step: a resumed run must use the checkpoint's values.
+RESUME_FIELDS = (
+    'model.name_or_path', 'train.steps', 'lora.rank', 'lora.targets', 'prune.target_density',
+    'prune.num_pruning_steps', 'prune.prune_start_fraction', 'prune.prune_end_fraction',
+    'prune.init_rank', 'prune.max_rank', 'prune.tuning_growth', 'prune.compaction',
+    'prune.count_embeddings',
+)
 
 
 @config_lib.register_prune('apt')
@@ -186,17 +202,51 @@ def rebuild_model(model: nnx.Module, config: Any, params: Any) -> nnx.Module:
     from jaxprune.surgery import _prune
 
     spec = _prune._lora_spec_from_params(params)
-    scales = _prune._lora_scales(model)
-    dtype = jax.tree.leaves(params)[0].dtype
-    new = nnx.eval_shape(
-        lambda: type(model)(config, lora=spec, param_dtype=dtype, rngs=nnx.Rngs(0))
-    )
-    for path, scale in scales.items():
-        _prune._get_module(new, path).lora_scale = scale
+    new = _abstract_model(model, config, spec, jax.tree.leaves(params)[0].dtype)
     state = nnx.state(new, nnx.Param)
     nnx.replace_by_pure_dict(state, params)
     nnx.update(new, state)
     return new
+
+
+def _abstract_model(model: nnx.Module, config: Any, spec: Any, dtype: Any) -> nnx.Module:
+    """``type(model)`` for ``config`` with abstract params; adapters keep ``model``'s scales."""
+    from jaxprune.surgery import _prune
+
+    new = nnx.eval_shape(
+        lambda: type(model)(config, lora=spec, param_dtype=dtype, rngs=nnx.Rngs(0))
+    )
+    for path, scale in _prune._lora_scales(model).items():
+        _prune._get_module(new, path).lora_scale = scale
+    return new
+
+
+def _encode_keep(keep: dict[Key, np.ndarray]) -> dict[str, str]:
+    """Keep vectors as JSON: ``'kind/layer'`` -> packed bits in hex (a few KB per step)."""
+    return {f'{k}/{layer}': np.packbits(np.asarray(v, bool)).tobytes().hex()
+            for (k, layer), v in keep.items()}
+
+
+def _decode_keep(encoded: dict[str, str], structures: Any) -> dict[Key, np.ndarray]:
+    out = {}
+    for st in structures:
+        bits = np.frombuffer(bytes.fromhex(encoded[f'{st.kind}/{st.layer}']), np.uint8)
+        out[(st.kind, st.layer)] = np.unpackbits(bits, count=st.size).astype(bool)
+    return out
+
+
+def _prune_tree(tree: Any, keep: dict[Key, np.ndarray], structures: Any) -> Any:
+    """``surgery.prune_like`` as one jitted gather program (as at a live pruning step)."""
+    from jaxprune import surgery
+
+    return jax.jit(lambda t: surgery.prune_like(t, keep, structures))(tree)
+
+
+def _field(run_cfg: Any, dotted: str) -> Any:
+    value = run_cfg
+    for name in dotted.split('.'):
+        value = getattr(value, name)
+    return value
 
 
 def _pure(tree: Any) -> Any:
@@ -216,7 +266,7 @@ class AptMethod:
 
         self.cfg, self.run_cfg = cfg, run_cfg
         self.task = run_cfg.model.task
-        self.arch = arch_config(run_cfg)
+        self.arch = self.initial_arch = arch_config(run_cfg)
         self.lora = run_cfg.lora.build()
         self.outlier = cfg.outlier if cfg.outlier is not None else self.task == 'causal_lm'
         self.steps = apt_schedules.pruning_steps(
@@ -233,6 +283,7 @@ class AptMethod:
         self.budget_base = _budget.total_prunable_params(self.budget_structures, self.shapes)
         self.initial_params = models.param_count(self.arch)
         self.pruned_at: list[int] = []
+        self.surgeries: list[dict[str, Any]] = []  # JSON records, see checkpoint_meta
         self.recompiles = 0
         self.init_tuning: int | None = None
         self.events: list[dict[str, Any]] = []
@@ -387,6 +438,103 @@ class AptMethod:
             self.export(state, pathlib.Path(self.run_cfg.run_dir) / self.cfg.export_dir)
         return state
 
+    # ---- resumption (outside jit) --------------------------------------------------------
+
+    def _arch_summary(self) -> dict[str, Any]:
+        layers = range(self.arch.num_layers)
+        return {
+            'hidden_size': int(self.arch.hidden_size),
+            'layer_heads': [int(self.arch.heads(i)) for i in layers],
+            'layer_mlp': [int(self.arch.mlp(i)) for i in layers],
+            'lora_bucket': int(self.bucket),
+        }
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """Host-side state for ``meta['method']``: surgeries so far, growth reference, settings.
+
+        ``surgeries`` lists one record per pruning step: ``count``, ``keep`` (the keep vectors
+        of that step in the then-current unit layout, packed bits; None without compaction) and
+        ``bucket`` (the LoRA bucket after the step). ``arch`` is the resulting shape summary,
+        checked after the replay.
+        """
+        return {
+            'settings': {f: _field(self.run_cfg, f) for f in RESUME_FIELDS},
+            'surgeries': [dict(r) for r in self.surgeries],
+            'init_tuning': self.init_tuning,
+            'recompiles': self.recompiles,
+            'arch': self._arch_summary(),
+        }
+
+    def _reset(self) -> None:
+        self._set_arch(self.initial_arch, rank=self.run_cfg.lora.rank)
+        self.pruned_at, self.surgeries, self.events = [], [], []
+        self.recompiles, self.init_tuning = 0, None
+
+    def _check_settings(self, saved: dict[str, Any]) -> None:
+        changed = [f for f in RESUME_FIELDS if f in saved and saved[f] != _field(self.run_cfg, f)]
+        if changed:
+            now = ', '.join(f'{f}={_field(self.run_cfg, f)!r}' for f in changed)
+            was = ' '.join(f'{f}={saved[f]}' for f in changed)
+            raise ValueError(
+                f'{now} differ from the checkpoint APT is resuming from; these settings decide '
+                f'when and how much the model was compacted. Resume with {was} or start a fresh '
+                'run_dir'
+            )
+
+    def restore(
+        self, meta: dict[str, Any] | None, state: train_lib.LoopState
+    ) -> train_lib.LoopState:
+        """Rebuilds the compacted model recorded in ``meta`` from the freshly built ``state``.
+
+        Resets the host-side state, replays the recorded surgeries on the frozen backbone
+        (``state.rest``) and returns the model at the pruned shapes with an abstract trainable
+        (the loop restores its values, the optimizer state, masks and teacher included).
+
+        Raises:
+          ValueError: a setting in ``RESUME_FIELDS`` differs from the checkpoint's, or the
+            replayed shapes do not match the recorded ones.
+        """
+        from jaxprune import surgery
+        from jaxprune.surgery import _prune
+        from jaxprune.train import _loop
+
+        self._reset()
+        if not meta:  # a checkpoint without APT meta: unpruned shapes
+            return state
+        self._check_settings(meta.get('settings', {}))
+        frozen = nnx.to_pure_dict(state.rest)
+        for rec in meta['surgeries']:
+            arch = self.arch
+            if rec['keep'] is not None:
+                keep = _decode_keep(rec['keep'], self.structures)
+                frozen = _prune_tree(frozen, keep, self.structures)
+                arch = surgery.pruned_config(self.arch, keep, self.structures)
+            if rec['keep'] is not None or rec['bucket'] != self.bucket:
+                self._set_arch(arch, rank=rec['bucket'])
+        self.surgeries = [dict(r) for r in meta['surgeries']]
+        self.pruned_at = [r['count'] for r in self.surgeries]
+        self.init_tuning, self.recompiles = meta['init_tuning'], meta['recompiles']
+        if self._arch_summary() != meta['arch']:
+            raise ValueError(
+                f'replaying the recorded APT surgeries gives {self._arch_summary()}, but the '
+                f"checkpoint records {meta['arch']}; was model.name_or_path changed? Resume with "
+                'the original model or start a fresh run_dir'
+            )
+        if not self.surgeries:
+            return state
+        model = nnx.merge(state.graphdef, state.state.trainable, state.rest)
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        spec = _prune._lora_spec_from_params(params)
+        if spec is not None:
+            spec = dataclasses.replace(spec, rank=self.bucket)
+        new = _abstract_model(model, self.arch, spec, jax.tree.leaves(params)[0].dtype)
+        graphdef, trainable, rest = nnx.split(new, _loop.trainable_filter(self.run_cfg), ...)
+        nnx.replace_by_pure_dict(rest, frozen)
+        trainable = jax.tree.map(  # the loop's param_dtype, as after a live pruning step
+            lambda x, t: jax.ShapeDtypeStruct(x.shape, t.dtype), trainable, state.state.trainable
+        )
+        return train_lib.LoopState(graphdef, state.state._replace(trainable=trainable), rest)
+
     # ---- pruning step (outside jit) ------------------------------------------------------
 
     def _probe(self) -> dict[str, jax.Array]:
@@ -457,6 +605,11 @@ class AptMethod:
         trainable = jax.tree.map(lambda x, d: x.astype(d), trainable, dtypes)
         new_masks = {**masks, 'rank': ranks, 'teacher': jax.tree.map(jnp.copy, trainable)}
         opt_state = optax.tree.set(opt_state, masks=new_masks, rank_ema=rank_ema)
+        self.surgeries.append({
+            'count': int(count),
+            'keep': _encode_keep(keep) if self.cfg.compaction else None,
+            'bucket': int(bucket),
+        })
         if self.cfg.compaction or bucket != self.bucket:
             self._set_arch(arch, rank=bucket)
             self.recompiles += 1

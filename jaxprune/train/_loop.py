@@ -1,9 +1,12 @@
 """The training loop: build, (resume), step, log, evaluate, checkpoint.
 
 Resumption is exact: a checkpoint holds the ``TrainState`` (trained params, optimizer state, step,
-RNG, skipped count) and the data position; the train stream restarts at that position, so a run
-that is killed and restarted ends with the same parameters and metrics as an uninterrupted one.
-The frozen part of the model (``rest``) is rebuilt from ``model.name_or_path`` on restart.
+RNG, skipped count), the data position and the method's host-side state
+(``Method.checkpoint_meta``); the train stream restarts at that position, so a run that is killed
+and restarted ends with the same parameters and metrics as an uninterrupted one. The frozen part
+of the model (``rest``) is rebuilt from ``model.name_or_path`` on restart; a method that changed
+shapes (APT's compaction) rebuilds the model at the checkpoint's shapes from its meta
+(``Method.restore``).
 """
 
 from __future__ import annotations
@@ -60,6 +63,17 @@ def _replicated(mesh):
     return NamedSharding(mesh, PartitionSpec())
 
 
+def _shardings(tx, trainable, rest, mesh) -> tuple[_step.TrainState, Any]:
+    """``(TrainState of shardings, rest shardings)`` for (possibly abstract) trainable/rest."""
+    from jaxprune import sharding
+
+    p_sh = sharding.param_shardings(trainable, mesh)
+    r_sh = sharding.param_shardings(rest, mesh)
+    o_sh = sharding.opt_state_shardings(jax.eval_shape(tx.init, trainable), p_sh)
+    rep = _replicated(mesh)
+    return _step.TrainState(step=rep, trainable=p_sh, opt_state=o_sh, rng=rep, skipped=rep), r_sh
+
+
 def setup(cfg: config_lib.RunCfg, *, mesh: jax.sharding.Mesh | None = None) -> Setup:
     """Builds model, optimizer, sharded initial state and data splits for ``cfg``."""
     from jaxprune import sharding
@@ -75,11 +89,8 @@ def setup(cfg: config_lib.RunCfg, *, mesh: jax.sharding.Mesh | None = None) -> S
     if mesh is None:
         shape = cfg.mesh.shape(jax.device_count())
         mesh = sharding.make_mesh(shape, devices=jax.devices()[:math.prod(shape.values())])
-    p_sh = sharding.param_shardings(trainable, mesh)
-    r_sh = sharding.param_shardings(rest, mesh)
-    o_sh = sharding.opt_state_shardings(jax.eval_shape(tx.init, trainable), p_sh)
-    rep = _replicated(mesh)
-    state_sh = _step.TrainState(step=rep, trainable=p_sh, opt_state=o_sh, rng=rep, skipped=rep)
+    state_sh, r_sh = _shardings(tx, trainable, rest, mesh)
+    p_sh = state_sh.trainable
     trainable = sharding.shard_like(trainable, p_sh)
     rest = sharding.shard_like(rest, r_sh)
     init = jax.jit(lambda t: _step.init_state(t, tx, seed=cfg.train.seed), out_shardings=state_sh)
@@ -157,9 +168,43 @@ def _rate(n: int, seconds: float) -> float | None:
     return n / seconds if n else None  # None: the window held only the compile step
 
 
-def _meta(cfg, step: int, data_position: int, skipped: int) -> dict[str, Any]:
-    return {'step': step, 'data_position': data_position, 'skipped_nonfinite': skipped,
-            'config': cfg.to_dict()}
+def _meta(s: Setup, step: int, data_position: int) -> dict[str, Any]:
+    return {'step': step, 'data_position': data_position,
+            'skipped_nonfinite': int(s.state.skipped), 'config': s.cfg.to_dict(),
+            'method': _method.checkpoint_meta_fn(s.method)()}
+
+
+def _restore(s: Setup, ckpts, *, quarantine: bool = True) -> tuple[int, dict[str, Any]] | None:
+    """Restores the newest valid checkpoint into ``s`` (in place); ``(step, meta)`` or None.
+
+    The restore target comes from the step's own meta: the method's ``restore`` hook rebuilds the
+    model at the checkpoint's shapes (a pruned model, say) from ``meta['method']``, starting from
+    the freshly built state every time, so falling back past a corrupt step to an older one with
+    other shapes works too.
+    """
+    from jaxprune import sharding
+
+    initial = _method.LoopState(s.graphdef, s.state, s.rest)
+    restore = _method.restore_fn(s.method)
+    built = {}
+
+    def target(meta):
+        ls = restore(meta.get('method'), initial)
+        state_sh, rest_sh = _shardings(s.tx, ls.state.trainable, ls.rest, s.mesh)
+        abstract = jax.eval_shape(
+            lambda t: _step.init_state(t, s.tx, seed=s.cfg.train.seed), ls.state.trainable)
+        built.update(ls=ls, state_sh=state_sh, rest_sh=rest_sh)
+        return sharding.abstract_like(abstract, state_sh)
+
+    found = ckpts.restore_latest_valid(target=target, quarantine=quarantine)
+    if found is None:
+        return None
+    step, s.state, meta = found
+    ls = built['ls']
+    if ls.rest is not initial.rest:
+        s.rest = sharding.shard_like(ls.rest, built['rest_sh'])
+    s.graphdef, s.state_sharding, s.rest_sharding = ls.graphdef, built['state_sh'], built['rest_sh']
+    return step, meta
 
 
 def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
@@ -194,9 +239,9 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
             f'checkpoint.resume=false but {str(cfg.checkpoint_dir)!r} holds checkpoints; '
             'pass checkpoint.resume=true or a fresh run_dir')
     if cfg.checkpoint.resume:
-        found = ckpts.restore_latest_valid(target=_abstract(s.state))
+        found = _restore(s, ckpts)
         if found is not None:
-            _, s.state, meta = found
+            _, meta = found
             data_position = int(meta['data_position'])
             logger.info('resumed from step %d (data position %d)', meta['step'], data_position)
     start = int(s.state.step)
@@ -260,7 +305,7 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
                 log.log('eval', done, **evaluate_state(s))
             every = cfg.checkpoint.every
             if (every and done % every == 0) or done == tcfg.steps:
-                ckpts.save(done, s.state, _meta(cfg, done, data_position, int(s.state.skipped)))
+                ckpts.save(done, s.state, _meta(s, done, data_position))
             w_start += time.perf_counter() - paused
         last = log.log('eval', int(s.state.step), **evaluate_state(s),
                        skipped_nonfinite=int(s.state.skipped))
@@ -276,9 +321,9 @@ def evaluate(cfg: config_lib.RunCfg, *, split: str = 'validation') -> dict[str, 
     ckpts = _checkpointer(cfg)
     step = 0
     try:
-        found = ckpts.restore_latest_valid(target=_abstract(s.state), quarantine=False)
+        found = _restore(s, ckpts, quarantine=False)
         if found is not None:
-            step, s.state, _ = found
+            step = found[0]
     finally:
         ckpts.close()
     return {'step': step, 'split': split, **evaluate_state(s, split=split)}

@@ -23,6 +23,17 @@ A ``Method`` contributes these things and nothing else:
 * ``on_step_end(step, state)``: runs outside ``jit`` after every step with a host-side
   ``LoopState``; this is where shape-changing surgery happens (return a new state with a new
   graphdef; the loop re-jits when the graphdef changes).
+* ``checkpoint_meta()`` and ``restore(meta, state)`` (optional, outside ``jit``): resumable host
+  state. Every checkpoint stores ``checkpoint_meta()`` (a JSON dict) as ``meta['method']``. On
+  resume the loop calls ``restore(meta['method'], initial)`` with the freshly built ``LoopState``
+  *before* reading the arrays: the method resets its host-side state from the meta and returns a
+  ``LoopState`` whose ``graphdef``, ``rest`` and ``state.trainable`` (abstract leaves are fine)
+  have the checkpoint's shapes; the loop derives the optimizer-state target from
+  ``tx.init(trainable)``, reshards and restores. A method that compacts the model records what it
+  needs to rebuild it (e.g. the surgeries done) here. ``restore`` may be called again with an older
+  step's meta when a newer step is corrupt, always with the same ``initial`` state, so it must
+  not depend on earlier calls. ``meta`` is None for checkpoints written without it. The defaults
+  store ``{}`` and return ``initial`` unchanged.
 
 ``NoMethod`` (``prune.method: none``) is plain fine-tuning. Methods are built from their config
 with ``register_method(name)``.
@@ -58,9 +69,9 @@ class LoopState:
 class Method(Protocol):
     """What a pruning method provides to the training loop (see the module docstring).
 
-    ``prepare``, ``value_and_grad`` and ``prepare_model`` are optional; the loop uses
-    ``default_prepare``, ``default_value_and_grad`` and the identity for a method that does not
-    define them.
+    ``prepare``, ``value_and_grad``, ``prepare_model``, ``checkpoint_meta`` and ``restore`` are
+    optional; the loop uses ``default_prepare``, ``default_value_and_grad``, the identity,
+    ``default_checkpoint_meta`` and ``default_restore`` for a method that does not define them.
     """
 
     def transforms(self, trainable: optax.Params) -> tuple[optax.GradientTransformation, ...]:
@@ -91,6 +102,17 @@ def prepare_model_fn(method: Any) -> Callable[[nnx.Module], nnx.Module]:
     return getattr(method, 'prepare_model', lambda model: model)
 
 
+def default_checkpoint_meta() -> dict[str, Any]:
+    """No host-side state to save."""
+    return {}
+
+
+def default_restore(meta: dict[str, Any] | None, state: LoopState) -> LoopState:
+    """Shapes never change: the freshly built state is the restore target."""
+    del meta
+    return state
+
+
 def prepare_fn(method: Any) -> Callable[[Any, Any, Any], tuple[Any, Any, Any]]:
     """The method's ``prepare`` hook, or the default."""
     return getattr(method, 'prepare', default_prepare)
@@ -99,6 +121,16 @@ def prepare_fn(method: Any) -> Callable[[Any, Any, Any], tuple[Any, Any, Any]]:
 def value_and_grad_fn(method: Any) -> Callable[..., Any]:
     """The method's ``value_and_grad`` hook, or the default."""
     return getattr(method, 'value_and_grad', default_value_and_grad)
+
+
+def checkpoint_meta_fn(method: Any) -> Callable[[], dict[str, Any]]:
+    """The method's ``checkpoint_meta`` hook, or the default."""
+    return getattr(method, 'checkpoint_meta', default_checkpoint_meta)
+
+
+def restore_fn(method: Any) -> Callable[[dict[str, Any] | None, LoopState], LoopState]:
+    """The method's ``restore`` hook, or the default."""
+    return getattr(method, 'restore', default_restore)
 
 
 @dataclasses.dataclass(frozen=True)

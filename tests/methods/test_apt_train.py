@@ -1,9 +1,12 @@
 """APT in the training loop: compaction invariants, budget, no revival, CLI end to end."""
 
 import dataclasses
+import itertools
 import json
 import math
 import pathlib
+import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +16,7 @@ import pytest
 from flax import nnx
 
 from jaxprune.methods import _apt_train  # registers prune.method=apt  # isort: skip
-from jaxprune import config, surgery
+from jaxprune import checkpoint, config, surgery, train
 from jaxprune.masks import _budget
 from jaxprune.methods import _apt_export
 from jaxprune.models import _bert, _structures
@@ -106,8 +109,8 @@ def test_mask_transform_never_revives_dead_units(tmp_path):
         state = update(state, sal)
         alive = {k: np.asarray(v) for k, v in state.alive.items()}
         if dead is not None:  # a unit that died stays dead with mask 0
-            for k in alive:
-                assert not np.any(alive[k] & dead[k])
+            for k, a in alive.items():
+                assert not np.any(a & dead[k])
                 assert np.all(np.asarray(state.masks['units'][k])[dead[k]] == 0)
         dead = {k: ~v for k, v in alive.items()}
     assert int(state.prune_count) == 12
@@ -188,7 +191,7 @@ def test_cli_train_end_to_end(cli_run):
         assert len(e['kept_heads']) == len(e['kept_mlp']) == len(e['lora_ranks']) == 2
     assert prune[-1]['density'] == pytest.approx(0.4, abs=0.05)
     # No revival: kept counts never increase from one pruning step to the next.
-    for a, b in zip(prune, prune[1:]):
+    for a, b in itertools.pairwise(prune):
         assert all(y <= x for x, y in zip(a['kept_heads'] + a['kept_mlp'],
                                           b['kept_heads'] + b['kept_mlp']))
         assert b['hidden'] <= a['hidden']
@@ -200,3 +203,196 @@ def test_cli_train_end_to_end(cli_run):
     assert [arch.heads(i) for i in range(2)] == [max(h, 1) for h in prune[-1]['kept_heads']]
     assert [arch.mlp(i) for i in range(2)] == [max(f, 1) for f in prune[-1]['kept_mlp']]
     assert dataclasses.replace(arch).hidden_size == prune[-1]['hidden']
+
+
+# ---- restore: the compacted model rebuilt from the checkpoint meta ----------------------------
+PRUNED = ('train.steps=12', 'prune.num_pruning_steps=2', 'prune.max_rank=64', 'mesh.data=1',
+          'prune.check_compaction=false')
+
+
+def _prune_randomly(s, ls, count, seed):
+    method, opt_state = s.method, ls.state.opt_state
+    masks = optax.tree.get(opt_state, 'masks')
+    units = {k: jnp.asarray(v, jnp.float32)
+             for k, v in _random_keep(method.structures, seed).items()}
+    ts = ls.state._replace(opt_state=optax.tree.set(opt_state, masks={**masks, 'units': units}))
+    ts = ts._replace(trainable=jax.tree.map(  # non-trivial adapters
+        lambda x: x + 0.05 * jax.random.normal(jax.random.key(seed), x.shape, x.dtype),
+        ts.trainable))
+    return method.pruning_step(count, _method.LoopState(ls.graphdef, ts, ls.rest))
+
+
+@pytest.fixture(scope='module')
+def pruned_ckpt(tmp_path_factory):
+    """Both pruning steps (random cuts, rank growth, bucket resize) saved as the loop saves."""
+    cfg = _cfg(tmp_path_factory.mktemp('apt_pruned'), *PRUNED)
+    s = _loop.setup(cfg)
+    ls = _method.LoopState(s.graphdef, s.state, s.rest)
+    for seed, count in enumerate(s.method.steps):
+        ls = _prune_randomly(s, ls, count, seed)
+        s.method.pruned_at.append(count)  # as on_step_end does
+    s.graphdef, s.state, s.rest = ls.graphdef, ls.state, ls.rest
+    with _loop._checkpointer(cfg) as ck:
+        ck.save(9, s.state, _loop._meta(s, 9, 9))
+    return cfg, s
+
+
+def test_restore_rebuilds_the_compacted_model_exactly(pruned_ckpt):
+    cfg, live = pruned_ckpt
+    s = _loop.setup(cfg)
+    with _loop._checkpointer(cfg) as ck:
+        step, meta = _loop._restore(s, ck)
+    assert step == 9 and meta['data_position'] == 9
+    m, ref = s.method, live.method
+    assert m.arch == ref.arch != _apt_train.arch_config(cfg)  # really compacted
+    assert m.bucket == ref.bucket > cfg.lora.rank  # and the LoRA bucket resized
+    assert m.pruned_at == ref.pruned_at == list(ref.steps)
+    assert m.checkpoint_meta() == ref.checkpoint_meta()  # growth reference, records, settings
+    assert m.shapes == ref.shapes and m.budget_structures == ref.budget_structures
+    # State from the checkpoint; the frozen backbone replayed from the original weights, bit-exact.
+    jax.tree.map(np.testing.assert_array_equal, s.state, live.state)
+    jax.tree.map(np.testing.assert_array_equal, s.rest, live.rest)
+    batch = m._probe()
+
+    def logits(x):
+        masks = x.method.model_masks(optax.tree.get(x.state.opt_state, 'masks'))
+        model = nnx.merge(x.graphdef, x.state.trainable, x.rest)
+        return np.asarray(model(batch['input_ids'], batch['attention_mask'], masks=masks))
+
+    np.testing.assert_allclose(logits(s), logits(live), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize('override', [
+    'prune.num_pruning_steps=3', 'prune.max_rank=32', 'train.steps=16', 'lora.rank=16'])
+def test_restore_with_changed_shape_setting_names_the_field(pruned_ckpt, override):
+    cfg, _ = pruned_ckpt
+    s = _loop.setup(_cfg(cfg.run_dir, *PRUNED, override))
+    field = override.split('=')[0]
+    with _loop._checkpointer(cfg) as ck:
+        with pytest.raises(ValueError, match=re.escape(field) + '.*differ from the checkpoint'):
+            _loop._restore(s, ck)
+        assert ck.all_steps() == [9]  # a configuration error: nothing quarantined
+
+
+# ---- kill-and-resume across pruning steps ---------------------------------------------------
+# 12 steps, pruning at counts 3, 6 and 9, checkpoints at 4, 8 and 12; every step's loss is logged.
+# LoRA ranks grow at 6 and 9 and the bucket is resized both times (max_rank=64 keeps the growth
+# uncapped, so a wrong growth reference after resume changes the losses). distill_weight < 1 keeps
+# the task loss (and so the gradients) non-zero after the last pruning step, when the teacher
+# equals the student.
+RESUME = ('train.steps=12', 'checkpoint.every=4', 'checkpoint.keep=3', 'train.log_every=1',
+          'prune.distill_weight=0.5', 'prune.max_rank=64', 'mesh.data=1')
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_after(stop):
+    """A ``_loop._checkpointer`` whose ``save`` dies right after writing step ``stop``."""
+
+    class Crashing(checkpoint.Checkpointer):
+        def save(self, step, state, meta=None):
+            out = super().save(step, state, meta)
+            if step == stop:
+                raise _Crash(step)
+            return out
+
+    return lambda cfg: Crashing(cfg.checkpoint_dir, max_to_keep=cfg.checkpoint.keep)
+
+
+def _resume_cfg(run_dir, *extra):
+    return config.load_config(
+        APT_TINY, [f'run_dir={run_dir}', 'prune.export_dir=null', *RESUME, *extra])
+
+
+def _events(run_dir, kind):
+    return [e for e in train.read_metrics(run_dir) if e['event'] == kind]
+
+
+def _losses(run_dir):
+    return {e['step']: e['loss'] for e in _events(run_dir, 'train')}  # last write wins
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+    run = tmp_path_factory.mktemp('apt_ref')
+    final = _loop.train(_resume_cfg(run), progress=False)
+    return run, final
+
+
+@pytest.fixture(scope='module')
+def crashed(tmp_path_factory):
+    """A run that died after saving step 8 (two of three pruning steps done; checkpoints 4, 8)."""
+    run = tmp_path_factory.mktemp('apt_crash')
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_loop, '_checkpointer', _crash_after(8))
+        with pytest.raises(_Crash):
+            _loop.train(_resume_cfg(run), progress=False)
+    return run
+
+
+def _copy(run, tmp_path):
+    shutil.copytree(run, tmp_path / 'run')
+    return tmp_path / 'run'
+
+
+def _assert_same_run(run, ref_run, final, ref_final):
+    """Per-step losses and the final eval equal the uninterrupted run's (rtol 1e-6)."""
+    got, ref = _losses(run), _losses(ref_run)
+    assert sorted(got) == sorted(ref) == list(range(1, 13))
+    np.testing.assert_allclose([got[k] for k in ref], list(ref.values()), rtol=1e-6)
+    assert final['step'] == ref_final['step'] == 12 and final['count'] == ref_final['count']
+    np.testing.assert_allclose(
+        [final['loss'], final['accuracy']], [ref_final['loss'], ref_final['accuracy']], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_checkpoint_meta_records_the_surgeries(crashed):
+    ck = checkpoint.Checkpointer(crashed / 'checkpoints')
+    assert ck.all_steps() == [4, 8]
+    prunes = _events(crashed, 'prune')
+    for step, n in ((4, 1), (8, 2)):
+        m = ck.read_meta(step)['method']
+        assert [r['count'] for r in m['surgeries']] == [3, 6][:n]
+        assert m['settings']['prune.num_pruning_steps'] == 3
+        # The recorded shapes are the ones the pruning step logged.
+        e = prunes[n - 1]
+        assert m['arch']['layer_mlp'] == [max(f, 1) for f in e['kept_mlp']]
+        assert m['arch']['hidden_size'] == e['hidden']
+
+
+@pytest.mark.slow
+def test_resume_after_pruning_equals_uninterrupted_run(crashed, uninterrupted, tmp_path):
+    ref_run, ref_final = uninterrupted
+    run = _copy(crashed, tmp_path)
+    cfg = _resume_cfg(run)
+    final = _loop.train(cfg, progress=False)
+    assert [e['step'] for e in _events(run, 'resume')] == [8]
+    prunes = _events(run, 'prune')
+    assert [e['prune_count'] for e in prunes] == [3, 6, 9]  # none re-done, the last after resume
+    assert prunes[-1]['lora_bucket'] > prunes[0]['lora_bucket']  # a bucket resize was replayed
+    _assert_same_run(run, ref_run, final, ref_final)
+    # `jaxprune eval` restores the compacted checkpoint too and reproduces the final eval.
+    again = _loop.evaluate(cfg)
+    assert again['step'] == 12
+    np.testing.assert_allclose(again['loss'], final['loss'], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_falls_back_past_a_corrupt_step_to_other_shapes(crashed, uninterrupted, tmp_path):
+    """Step 8 (two surgeries) is corrupt: resume from 4 (one surgery), prune again at 6 and 9."""
+    ref_run, ref_final = uninterrupted
+    run = _copy(crashed, tmp_path)
+    for f in (run / 'checkpoints' / '8' / 'state').rglob('*'):
+        if f.is_file() and f.parent.name == 'd':
+            f.write_bytes(b'')
+    final = _loop.train(_resume_cfg(run), progress=False)
+    assert [e['step'] for e in _events(run, 'resume')] == [4]
+    moved = list((run / 'checkpoints' / 'corrupt').iterdir())
+    assert len(moved) == 1 and moved[0].name.startswith('8-')
+    prunes = _events(run, 'prune')
+    assert [e['prune_count'] for e in prunes] == [3, 6, 6, 9]  # 6 again after the resume
+    for k in ('kept_heads', 'kept_mlp', 'hidden', 'lora_ranks', 'lora_bucket', 'recompiles'):
+        assert prunes[2][k] == prunes[1][k], k  # the same cut and growth as before the crash
+    _assert_same_run(run, ref_run, final, ref_final)

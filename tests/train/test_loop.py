@@ -164,3 +164,62 @@ def test_registered_driver_takes_over_train(tiny):
     assert train.train(cfg, progress=False) == {'x': 1}
     assert calls == [cfg] and not pathlib.Path(cfg.run_dir).exists()
     assert train.driver_for('none') is None
+
+
+@config.register_prune('_meta_test')
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _MetaCfg(config.PruneCfg):
+    pass
+
+
+_BUILT = []  # every _HostStateMethod, newest last
+
+
+class _HostStateMethod:
+    """Plain fine-tuning with host-side state saved through checkpoint_meta / restore."""
+
+    def __init__(self):
+        self.seen, self.restored = 0, []
+        _BUILT.append(self)
+
+    def transforms(self, trainable):
+        del trainable
+        return ()
+
+    def loss_extras(self, trainable, out, batch):
+        del trainable, out, batch
+        return jnp.zeros((), jnp.float32), {}
+
+    def on_step_end(self, step, state):
+        self.seen = step
+        return state
+
+    def checkpoint_meta(self):
+        return {'seen': self.seen}
+
+    def restore(self, meta, state):
+        self.restored.append((meta, state))
+        self.seen = meta['seen']
+        return state
+
+
+_method.register_method('_meta_test')(lambda cfg, **kw: _HostStateMethod())
+
+
+def test_method_meta_is_checkpointed_and_restored_per_step_tried(tiny):
+    cfg = tiny('prune.method=_meta_test', 'train.steps=4', 'checkpoint.every=2', 'train.log_every=2')
+    train.train(cfg, progress=False)
+    ckpt = checkpoint.Checkpointer(cfg.checkpoint_dir)
+    assert [ckpt.read_meta(step)['method'] for step in ckpt.all_steps()] == [{'seen': 2},
+                                                                               {'seen': 4}]
+    for f in (pathlib.Path(cfg.checkpoint_dir) / '4' / 'state').rglob('*'):
+        if f.is_file() and f.parent.name == 'd':
+            f.write_bytes(b'')  # step 4 corrupt: resume falls back to 2
+    train.train(tiny('prune.method=_meta_test', 'train.steps=6', 'checkpoint.every=2',
+                     'train.log_every=2'), progress=False)
+    method = _BUILT[-1]
+    # Asked again for the older step, always with the same freshly built state.
+    assert [meta for meta, _ in method.restored] == [{'seen': 4}, {'seen': 2}]
+    assert method.restored[0][1] is method.restored[1][1]
+    assert [e['step'] for e in _events(cfg.run_dir, 'resume')] == [2]
+    assert method.seen == 6 and ckpt.read_meta(6)['method'] == {'seen': 6}
