@@ -16,11 +16,12 @@ built from the trainer's pieces (model factory, data splits, eval batches, ``los
 keeps training with the group lasso until the pruned groups are ~0. Export (:func:`atp_export`)
 merges LoRA into the weights (``W + s A B``), removes whole GQA groups and FFN neurons through
 ``jaxprune.surgery.prune`` and the remaining per-layer dims through ``jaxprune.surgery._dims``,
-so the exported model holds exactly ``kept_params(masks)`` projection parameters.
+so the exported model holds exactly ``kept_params(masks)`` projection parameters; the run saves
+it to ``run_dir/pruned`` with ``jaxprune.surgery.save_compact`` (``load_compact`` reads it back).
 
-The CLI path: ``prune.method: atp`` configs must dispatch to :func:`train_atp`; the regular
-trainer raises a ``ValueError`` that says so (the registered train ``Method`` cannot alternate
-optimizers).
+The CLI path: :func:`train_atp` is registered as the trainer *driver* of ``prune.method: atp``,
+so ``jaxprune train configs/atp_tiny.yaml`` runs it; building the single-chain train ``Method``
+for ATP raises a ``ValueError`` that says so (it cannot alternate optimizers).
 """
 
 from __future__ import annotations
@@ -239,8 +240,9 @@ def atp_export(model: nnx.Module, masks: Any) -> tuple[dict[str, Any], Any, dict
       masks: hard ``{0, 1}`` masks in the models layout for ``model.config``.
 
     Returns:
-      ``(compact_params, config, counts)``: run with ``jaxprune.surgery._dims.compact_forward(
-      compact_params, ids, config=config)``; ``counts`` holds ``prunable`` (original projection
+      ``(compact_params, config, counts)``: run with ``jaxprune.surgery.compact_forward(
+      compact_params, ids, config=config)``, save with ``jaxprune.surgery.save_compact(path,
+      compact_params, config, {'counts': counts})``; ``counts`` holds ``prunable`` (original projection
       params), ``kept`` (projection params stored), ``kept_by_density`` (:func:`kept_params_exact`)
       and ``total`` (all stored float params).
 
@@ -333,7 +335,7 @@ class AtpRun:
     masks: Any
     compact: dict[str, Any]
     compact_config: Any
-    record: dict[str, Any]
+    record: dict[str, Any]  # record['export_path']: the saved compact model (save_compact)
     tokenizer: Any
     splits: Any
 
@@ -373,7 +375,7 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
     Raises:
       ValueError: wrong method, task, architecture, or LoRA disabled.
     """
-    from jaxprune import checkpoint, data, lora, models, train
+    from jaxprune import checkpoint, data, lora, models, surgery, train
 
     pcfg, tcfg, dcfg = run_cfg.prune, run_cfg.train, run_cfg.data
     if not isinstance(pcfg, AtpCfg):
@@ -480,6 +482,9 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
                    {'step': tcfg.steps, 'phase': 'end'})
         model = nnx.merge(graphdef, trainable, frozen)
         compact, new_config, counts = atp_export(model, masks)
+        export_path = surgery.save_compact(run_dir / 'pruned', compact, new_config, meta={
+            'method': 'atp', 'model': str(run_cfg.model.name_or_path), 'steps': tcfg.steps,
+            'target_density': pcfg.target_density, 'counts': counts})
         batches = train.eval_batches(splits['validation'], tokenizer, dcfg, task='causal_lm')
         batches = batches[:max_eval_batches] if max_eval_batches else batches
 
@@ -498,7 +503,7 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
             'target_density': pcfg.target_density,
             'density': float(_density.density(masks, dims)),
             'pruned_lora_norm': pruned_lora_norm(trainable, masks, dims),
-            'params': counts, 'tokens': tokens, 'train_s': train_s, **timing,
+            'params': counts, 'export_path': str(export_path), 'tokens': tokens, 'train_s': train_s, **timing,
             'eval_masked': ev_masked, 'eval_lora_aware': ev_aware, 'eval_export': ev_export,
             'eval_tokens': ev_export['count'],
         }
@@ -531,8 +536,11 @@ def train_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
 
     Writes ``run_dir/config.yaml``, ``run_dir/metrics.jsonl`` (train events every
     ``train.log_every`` steps with ``loss``, ``gen_loss``, ``sampled_density``,
-    ``pruned_lora_norm``) and checkpoints ``{gen_params, trainable}`` at the freeze and at the
-    end under ``cfg.checkpoint_dir`` (no resume: a restarted run starts over).
+    ``pruned_lora_norm``), checkpoints ``{gen_params, trainable}`` at the freeze and at the
+    end under ``cfg.checkpoint_dir`` (no resume: a restarted run starts over), and the pruned
+    model to ``run_dir/pruned`` (``jaxprune.surgery.save_compact``: ``model.safetensors`` +
+    ``jaxprune_compact.json``; read it back with ``jaxprune.surgery.load_compact`` and run it
+    with ``jaxprune.surgery.compact_forward``).
 
     Args:
       run_cfg: a ``RunCfg`` with ``prune.method: atp`` (see :class:`AtpCfg`).
@@ -541,8 +549,9 @@ def train_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
 
     Returns:
       ``{'density', 'params': {'prunable', 'kept', 'kept_by_density', 'total'},
-      'eval_masked', 'eval_lora_aware', 'eval_export', 'tokens', 'train_s', ...}``;
-      ``eval_export`` is the exported (physically pruned) model's validation metrics.
+      'export_path', 'eval_masked', 'eval_lora_aware', 'eval_export', 'tokens', 'train_s',
+      ...}``; ``eval_export`` is the exported (physically pruned) model's validation metrics
+      and ``export_path`` the folder holding it.
 
     References:
       Lu et al., 2024, *All-in-One Tuning and Structural Pruning for Domain-Specific LLMs*,
