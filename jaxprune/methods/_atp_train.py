@@ -16,7 +16,7 @@ built from the trainer's pieces (model factory, data splits, eval batches, ``los
 keeps training with the group lasso until the pruned groups are ~0. Export (:func:`atp_export`)
 merges LoRA into the weights (``W + s A B``), removes whole GQA groups and FFN neurons through
 ``jaxprune.surgery.prune`` and the remaining per-layer dims through ``jaxprune.surgery._dims``,
-so the exported model holds exactly ``kept_params(masks)`` projection parameters; the run saves
+so the exported model holds exactly ``kept_count(masks)`` projection parameters; the run saves
 it to ``run_dir/pruned`` with ``jaxprune.surgery.save_compact`` (``load_compact`` reads it back).
 
 The CLI path: :func:`train_atp` is registered as the trainer *driver* of ``prune.method: atp``,
@@ -142,17 +142,10 @@ _register_train_method()
 # Budget projection.
 
 
-def kept_params_exact(masks: Any, dims: Sequence[_density.LayerDims]) -> int:
-    """``jaxprune.masks._density.kept_params`` for hard masks in exact integer arithmetic.
-
-    The density module sums in float32, which is exact only below ``2**24`` kept parameters
-    (SmolLM2 keeps ~6e7: off by a few); this uses its keep vectors with Python ints.
-    """
-    total = 0
-    for layer_masks, d in zip(masks['layers'], dims, strict=True):
-        for keep_in, keep_out in _density.linear_keep(layer_masks or {}, d).values():
-            total += int(np.sum(np.asarray(keep_in) > 0.5)) * int(np.sum(np.asarray(keep_out) > 0.5))
-    return total
+def _kept(masks: Any, dims: Sequence[_density.LayerDims], count: Callable | None = None) -> int:
+    """Exact kept projection params of hard masks: int32 per layer, summed with Python ints."""
+    count = count or functools.partial(_density.kept_count, dims=dims, per_layer=True)
+    return sum(int(c) for c in np.asarray(count(masks)))
 
 
 def project_masks(
@@ -166,10 +159,11 @@ def project_masks(
 
     .. math:: k^* = \max\{k : N(k) \le p \cdot N_{prunable}\}
 
-    with :math:`N` = ``jaxprune.masks._density.kept_params`` (monotone in the prefix, so a binary
-    search finds it). Hence ``density <= target_density < density(k* + 1)``: the removed share is
-    ``1 - target_density`` up to the marginal cost of a single unit. With a generator trained to
-    the target, this is its deterministic mask ``1[l + bias >= 0]`` with a global bias correction.
+    with :math:`N` = ``jaxprune.masks._density.kept_count`` (exact integers; monotone in the
+    prefix, so a binary search finds it). Hence ``density <= target_density < density(k* + 1)``:
+    the removed share is ``1 - target_density`` up to the marginal cost of a single unit. With a
+    generator trained to the target, this is its deterministic mask ``1[l + bias >= 0]`` with a
+    global bias correction.
 
     Args:
       logits: generator logits in the masks layout (``generator_apply(gen_params)``).
@@ -203,8 +197,10 @@ def project_masks(
             start += x.size
         return jax.tree.unflatten(treedef, out)
 
+    count = jax.jit(functools.partial(_density.kept_count, dims=dims, per_layer=True))
+
     def kept(k):
-        return kept_params_exact(masks_of(k), dims)
+        return _kept(masks_of(k), dims, count)
 
     lo, hi = 0, flat.size  # kept(lo) <= budget; find the largest such k
     if kept(hi) <= budget:
@@ -242,9 +238,9 @@ def atp_export(model: nnx.Module, masks: Any) -> tuple[dict[str, Any], Any, dict
     Returns:
       ``(compact_params, config, counts)``: run with ``jaxprune.surgery.compact_forward(
       compact_params, ids, config=config)``, save with ``jaxprune.surgery.save_compact(path,
-      compact_params, config, {'counts': counts})``; ``counts`` holds ``prunable`` (original projection
-      params), ``kept`` (projection params stored), ``kept_by_density`` (:func:`kept_params_exact`)
-      and ``total`` (all stored float params).
+      compact_params, config, {'counts': counts})``; ``counts`` holds ``prunable`` (original
+      projection params), ``kept`` (projection params stored), ``kept_by_density`` (the exact
+      integer ``jaxprune.masks._density.kept_count``) and ``total`` (all stored float params).
 
     Raises:
       RuntimeError: the stored count differs from the density module's count (a bug).
@@ -264,7 +260,7 @@ def atp_export(model: nnx.Module, masks: Any) -> tuple[dict[str, Any], Any, dict
     counts = {
         'prunable': int(_density.prunable_params(dims)),
         'kept': _dims.projection_param_count(compact),
-        'kept_by_density': kept_params_exact(masks, dims),
+        'kept_by_density': _kept(masks, dims),
         'total': _dims.param_count(compact),
     }
     if counts['kept'] != counts['kept_by_density']:
@@ -501,9 +497,10 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
         record = {
             'method': 'atp', 'steps': tcfg.steps, 'control_steps': control,
             'target_density': pcfg.target_density,
-            'density': float(_density.density(masks, dims)),
+            'density': counts['kept_by_density'] / counts['prunable'],  # exact integers
             'pruned_lora_norm': pruned_lora_norm(trainable, masks, dims),
-            'params': counts, 'export_path': str(export_path), 'tokens': tokens, 'train_s': train_s, **timing,
+            'params': counts, 'export_path': str(export_path), 'tokens': tokens,
+            'train_s': train_s, **timing,
             'eval_masked': ev_masked, 'eval_lora_aware': ev_aware, 'eval_export': ev_export,
             'eval_tokens': ev_export['count'],
         }
