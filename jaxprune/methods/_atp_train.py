@@ -11,13 +11,15 @@ ATP (Lu et al., 2024) trains two things with two optimizers on every step of a *
 
 This does not fit the trainer's single optax chain, so :func:`train_atp` is a dedicated driver
 built from the trainer's pieces (model factory, data splits, eval batches, ``loss_sums``,
-``MetricsLogger``, ``Checkpointer``). After the control phase the masks are frozen to
-:func:`project_masks` (the generator's ranking cut at exactly the parameter budget), and LoRA
-keeps training with the group lasso until the pruned groups are ~0. Export (:func:`atp_export`)
-merges LoRA into the weights (``W + s A B``), removes whole GQA groups and FFN neurons through
-``jaxprune.surgery.prune`` and the remaining per-layer dims through ``jaxprune.surgery._dims``,
-so the exported model holds exactly ``kept_count(masks)`` projection parameters; the run saves
-it to ``run_dir/pruned`` with ``jaxprune.surgery.save_compact`` (``load_compact`` reads it back).
+``MetricsLogger``, ``Checkpointer``); like the generic loop it checkpoints its whole carry
+(both optimizers, PRNG key, frozen masks, both data-stream positions) and resumes exactly.
+After the control phase the masks are frozen to :func:`project_masks` (the generator's ranking
+cut at exactly the parameter budget), and LoRA keeps training with the group lasso until the
+pruned groups are ~0. Export (:func:`atp_export`) merges LoRA into the weights (``W + s A B``),
+removes whole GQA groups and FFN neurons through ``jaxprune.surgery.prune`` and the remaining
+per-layer dims through ``jaxprune.surgery._dims``, so the exported model holds exactly
+``kept_count(masks)`` projection parameters; the run saves it to ``run_dir/pruned`` with
+``jaxprune.surgery.save_compact`` (``load_compact`` reads it back).
 
 The CLI path: :func:`train_atp` is registered as the trainer *driver* of ``prune.method: atp``,
 so ``jaxprune train configs/atp_tiny.yaml`` runs it; building the single-chain train ``Method``
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import pathlib
@@ -356,6 +359,27 @@ def lora_tx(run_cfg: config_lib.RunCfg, dims: Sequence[_density.LayerDims]
     return optax.chain(*parts)
 
 
+# Config fields a resumed run may change: where things are written and how often it logs.
+_RESUME_FREE = ('run_dir', 'checkpoint.', 'train.log_every')
+
+
+def _config_changes(saved: dict[str, Any], run_cfg: config_lib.RunCfg) -> list[str]:
+    """``'key: saved -> now'`` for every config field that differs from a checkpoint's."""
+    def flat(d, prefix=''):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out |= flat(v, f'{prefix}{k}.')
+            else:
+                out[f'{prefix}{k}'] = v
+        return out
+
+    old = flat(saved)
+    new = flat(json.loads(json.dumps(run_cfg.to_dict())))  # JSON round trip: tuples -> lists
+    return [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(old.keys() | new.keys())
+            if not k.startswith(_RESUME_FREE) and old.get(k) != new.get(k)]
+
+
 def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
             max_eval_batches: int | None = None) -> AtpRun:
     """Train ATP per ``run_cfg`` (``prune.method: atp``), export, evaluate; see :func:`train_atp`.
@@ -369,7 +393,9 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
       an :class:`AtpRun`.
 
     Raises:
-      ValueError: wrong method, task, architecture, or LoRA disabled.
+      ValueError: wrong method, task, architecture, or LoRA disabled; checkpoints present with
+        ``checkpoint.resume=false``, or written with another config (all fields but
+        ``run_dir``, ``checkpoint.*`` and ``train.log_every``: schedules depend on them).
     """
     from jaxprune import checkpoint, data, lora, models, surgery, train
 
@@ -383,6 +409,12 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
                          "(targets e.g. '.*\\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj"
                          "|down_proj)')")
     t_start = time.perf_counter()
+    ckpt_dir = pathlib.Path(run_cfg.checkpoint_dir)
+    if (not run_cfg.checkpoint.resume and ckpt_dir.is_dir()
+            and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
+        raise ValueError(
+            f'checkpoint.resume=false but {str(ckpt_dir)!r} holds checkpoints; pass '
+            'checkpoint.resume=true (continue that run) or a fresh run_dir')
     run_dir = pathlib.Path(run_cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_lib.save_config(run_cfg, run_dir / 'config.yaml')
@@ -397,11 +429,6 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
     splits = train.load_splits(dcfg)
     lora_split, gen_split = split_holdout(splits['train'], pcfg.holdout_fraction)
     gen_bs = pcfg.gen_batch_size or dcfg.batch_size
-    lora_stream = data.lm_batches(lora_split, tokenizer, batch_size=dcfg.batch_size,
-                                  seq_len=dcfg.seq_len, seed=dcfg.seed)
-    gen_stream = data.lm_batches(gen_split, tokenizer, batch_size=gen_bs, seq_len=dcfg.seq_len,
-                                 seed=dcfg.seed + 1)
-
     key = jax.random.key(tcfg.seed)
     key, gkey = jax.random.split(key)
     gen_params = _atp_generator.generator_init(
@@ -418,24 +445,75 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
     sample = jax.jit(functools.partial(_atp.sample_step_masks, **sample_kw))
     llm_step = jax.jit(functools.partial(_atp.llm_step, loss_fn=loss_fn, tx=tx))
 
+    def freeze():  # end of the control phase: the generator's ranking cut at the exact budget
+        return project_masks(_atp_generator.generator_apply(gen_params), dims,
+                             target_density=pcfg.target_density, bias=pcfg.bias)
+
     control = pcfg.control_steps(tcfg.steps)
-    log = train.MetricsLogger(run_dir, total_steps=tcfg.steps, progress=progress)
-    ckpts = checkpoint.Checkpointer(run_cfg.checkpoint_dir, max_to_keep=run_cfg.checkpoint.keep)
+    # Everything the loop carries. Before the freeze `masks` holds a same-shaped placeholder, so
+    # every checkpoint has one structure (meta['frozen'] says which it is).
+    placeholder = jax.tree.map(lambda x: jnp.ones(x.shape, jnp.float32),
+                               _atp_generator.generator_apply(gen_params))
+    carry = {'gen_params': gen_params, 'gen_opt': gen_opt, 'trainable': trainable,
+             'opt_state': opt_state, 'masks': placeholder, 'key': key}
     masks = None
-    window: list[dict[str, Any]] = []
+    start, train_s = 0, 0.0
+    positions = {'lora': 0, 'generator': 0}  # batches consumed per stream (data.lm_batches start)
     tokens = {'lora': 0, 'generator': 0}
     timing = {'control_s': 0.0, 'freeze_s': 0.0}
+    ckpts = checkpoint.Checkpointer(run_cfg.checkpoint_dir, max_to_keep=run_cfg.checkpoint.keep)
     try:
-        if control == 0:
-            masks = project_masks(_atp_generator.generator_apply(gen_params), dims,
-                                  target_density=pcfg.target_density, bias=pcfg.bias)
-        for step in range(tcfg.steps):
+        if run_cfg.checkpoint.resume:
+            found = ckpts.restore_latest_valid(target=carry)
+            if found is not None:
+                start, carry, meta = found
+                gen_params, gen_opt, trainable, opt_state, key = (
+                    carry[k] for k in ('gen_params', 'gen_opt', 'trainable', 'opt_state', 'key'))
+                masks = carry['masks'] if meta['frozen'] else None
+                positions, tokens = meta['positions'], meta['tokens']
+                timing, train_s = meta['timing'], meta['train_s']
+                changed = _config_changes(meta.get('config', {}), run_cfg)
+                if changed:
+                    raise ValueError(
+                        f'checkpoint step {start} in {str(ckpt_dir)!r} was written with another '
+                        f'config ({"; ".join(changed)}); resume with the same config, or use a '
+                        'fresh run_dir')
+                logger.info('ATP resumed from step %d (data positions %s)', start, positions)
+    except BaseException:
+        ckpts.close()
+        raise
+    log = train.MetricsLogger(run_dir, total_steps=tcfg.steps, start_step=start,
+                              progress=progress)
+    if start:
+        log.log('resume', start, data_position=positions['lora'],
+                generator_data_position=positions['generator'], frozen=masks is not None)
+    lora_stream = data.lm_batches(lora_split, tokenizer, batch_size=dcfg.batch_size,
+                                  seq_len=dcfg.seq_len, seed=dcfg.seed, start=positions['lora'])
+    gen_stream = data.lm_batches(gen_split, tokenizer, batch_size=gen_bs, seq_len=dcfg.seq_len,
+                                 seed=dcfg.seed + 1, start=positions['generator'])
+
+    def save(done):
+        state = {'gen_params': gen_params, 'gen_opt': gen_opt, 'trainable': trainable,
+                 'opt_state': opt_state, 'masks': placeholder if masks is None else masks,
+                 'key': key}
+        ckpts.save(done, state, {
+            'step': done, 'frozen': masks is not None, 'positions': positions, 'tokens': tokens,
+            'timing': timing, 'train_s': train_s + time.perf_counter() - t_start,
+            'config': run_cfg.to_dict()})
+
+    window: list[dict[str, Any]] = []
+    try:
+        if masks is None and start >= control:  # control == 0 (or a run already past it)
+            masks = freeze()
+        for step in range(start, tcfg.steps):
             t0 = time.perf_counter()
             batch = {k: jnp.asarray(v) for k, v in next(lora_stream).items()}
+            positions['lora'] += 1
             m: dict[str, Any] = {}
             key, k_gen, k_mask = jax.random.split(key, 3)
             if step < control:
                 gb = {k: jnp.asarray(v) for k, v in next(gen_stream).items()}
+                positions['generator'] += 1
                 gen_params, gen_opt, gm = gen_step(gen_params, gen_opt, trainable, frozen, gb,
                                                    k_gen)
                 tokens['generator'] += int(gb['input_ids'].size)
@@ -443,11 +521,6 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
                 m.update({'gen_loss': gm['loss'], 'gen_task_loss': gm['task_loss'],
                           'sampled_density': gm['density']})
             else:
-                if masks is None:  # end of the control phase: freeze at the exact budget
-                    masks = project_masks(_atp_generator.generator_apply(gen_params), dims,
-                                          target_density=pcfg.target_density, bias=pcfg.bias)
-                    ckpts.save(step, {'gen_params': gen_params, 'trainable': trainable},
-                               {'step': step, 'phase': 'freeze'})
                 step_masks = masks
             trainable, opt_state, lm = llm_step(trainable, opt_state, frozen, step_masks, batch)
             tokens['lora'] += int(batch['input_ids'].size)
@@ -470,12 +543,14 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
                 window = []
             else:
                 log.advance(done)
+            if done == control:
+                masks = freeze()
+            every = run_cfg.checkpoint.every
+            if (every and done % every == 0) or done in (control, tcfg.steps):
+                save(done)
         if masks is None:
-            masks = project_masks(_atp_generator.generator_apply(gen_params), dims,
-                                  target_density=pcfg.target_density, bias=pcfg.bias)
-        train_s = time.perf_counter() - t_start
-        ckpts.save(tcfg.steps, {'gen_params': gen_params, 'trainable': trainable},
-                   {'step': tcfg.steps, 'phase': 'end'})
+            masks = freeze()
+        train_s += time.perf_counter() - t_start
         model = nnx.merge(graphdef, trainable, frozen)
         compact, new_config, counts = atp_export(model, masks)
         export_path = surgery.save_compact(run_dir / 'pruned', compact, new_config, meta={
@@ -533,11 +608,24 @@ def train_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
 
     Writes ``run_dir/config.yaml``, ``run_dir/metrics.jsonl`` (train events every
     ``train.log_every`` steps with ``loss``, ``gen_loss``, ``sampled_density``,
-    ``pruned_lora_norm``), checkpoints ``{gen_params, trainable}`` at the freeze and at the
-    end under ``cfg.checkpoint_dir`` (no resume: a restarted run starts over), and the pruned
-    model to ``run_dir/pruned`` (``jaxprune.surgery.save_compact``: ``model.safetensors`` +
+    ``pruned_lora_norm``), checkpoints under ``cfg.checkpoint_dir`` and the pruned model to
+    ``run_dir/pruned`` (``jaxprune.surgery.save_compact``: ``model.safetensors`` +
     ``jaxprune_compact.json``; read it back with ``jaxprune.surgery.load_compact`` and run it
     with ``jaxprune.surgery.compact_forward``).
+
+    **Checkpoints and resume.** A checkpoint holds everything the loop carries: generator params
+    and AdamW state, the LoRA factors and their optimizer state (group-lasso state included),
+    the frozen masks once the control phase is over (a placeholder before; ``meta['frozen']``
+    tells), the PRNG key, and in its JSON meta the step, the positions of both data streams
+    (LoRA and generator batches consumed, fed back as ``data.lm_batches(start=...)`` as in the
+    generic trainer loop), token counts and timings. It is written every ``checkpoint.every``
+    steps (if > 0), at the freeze (the end of the control phase) and at the end. With
+    ``checkpoint.resume: true`` (the default) a restarted run restores the latest readable
+    checkpoint (``Checkpointer.restore_latest_valid``) and continues; it ends with the same
+    LoRA factors, masks and metrics as an uninterrupted run (tested bit-exact on CPU). With
+    ``checkpoint.resume: false`` a run directory that holds checkpoints is refused, and so is
+    resuming with a changed config (``train.steps`` and the ``prune`` fields shape the
+    schedules).
 
     Args:
       run_cfg: a ``RunCfg`` with ``prune.method: atp`` (see :class:`AtpCfg`).
