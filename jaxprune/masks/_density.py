@@ -28,7 +28,9 @@ embeddings, norms or LM head: those are untouched by ATP), so ``density = kept /
 ``target_density`` is the fraction of the prunable parameters that is kept. Per linear layer
 ``kept = sum(in_keep) * sum(out_keep)`` where the keep vectors are products/ORs of the masks
 above (``OR(m) = 1 - prod(1 - m)``); the density is therefore a polynomial of the masks, exact for
-``{0, 1}`` masks and differentiable for soft or straight-through masks. Removing a whole block
+``{0, 1}`` masks and differentiable for soft or straight-through masks. Its float32 count
+(:func:`kept_params`) rounds above ``2**24``; :func:`kept_count` counts hard masks exactly in
+``int32`` inside ``jit`` (budgets, exports). Removing a whole block
 when one of its masks is entirely zero is not modelled (the emptied matrices count zero, the
 others are still counted).
 """
@@ -198,22 +200,83 @@ def prunable_params(dims: Sequence[LayerDims]) -> int:
     return sum(k * n for d in dims for k, n in d.kernel_shapes().values())
 
 
+def _layers(masks: Mapping[str, Any] | None, dims: Sequence[LayerDims]) -> Sequence[Any]:
+    layers = masks.get('layers') if masks is not None else None
+    layers = layers if layers is not None else ({},) * len(dims)
+    if len(layers) != len(dims):
+        raise ValueError(f'masks have {len(layers)} layers but {len(dims)=}; pass matching dims')
+    return layers
+
+
 def kept_params(masks: Mapping[str, Any], dims: Sequence[LayerDims]) -> jax.Array:
-    """Parameters kept by ``masks`` (float32 scalar; exact for ``{0, 1}`` masks).
+    """Parameters kept by ``masks`` as a differentiable float32 scalar.
+
+    Exact for ``{0, 1}`` masks only while the count stays below ``2**24`` (float32 sums); use
+    :func:`kept_count` for an exact integer count of hard masks of any model size.
 
     Args:
       masks: ``{'layers': (layer_masks, ...)}`` in the ``jaxprune.models`` layout.
       dims: per-layer dims, e.g. ``layer_dims(config)``.
     """
-    layers = masks.get('layers') if masks is not None else None
-    layers = layers if layers is not None else ({},) * len(dims)
-    if len(layers) != len(dims):
-        raise ValueError(f'masks have {len(layers)} layers but {len(dims)=}; pass matching dims')
+    layers = _layers(masks, dims)
     total = jnp.zeros((), jnp.float32)
     for layer_masks, d in zip(layers, dims, strict=True):
         for keep_in, keep_out in linear_keep(layer_masks or {}, d).values():
             total = total + jnp.sum(keep_in) * jnp.sum(keep_out)
     return total
+
+
+_INT32_MAX = 2**31 - 1
+_HARD_KEYS = (*GROUP_NAMES, 'heads', 'hidden')
+
+
+def kept_count(
+    masks: Mapping[str, Any], dims: Sequence[LayerDims], *, per_layer: bool = False
+) -> jax.Array:
+    r"""Exact number of parameters kept by hard masks, in integer arithmetic (jit-safe).
+
+    Every mask is binarised (``m > 0.5`` = kept), the keep vectors of :func:`linear_keep` are
+    counted as ``int32`` and each projection contributes
+    :math:`|\mathrm{in}| \cdot |\mathrm{out}|` (an ``int32`` product); layers are summed in
+    ``int32``. Every intermediate is an integer below ``2**31``, checked from ``dims`` before
+    tracing, so the result is exact at any scale where it fits (SmolLM2-135M: ~1.1e8 prunable),
+    unlike the float32 :func:`kept_params`, which rounds above ``2**24``. Not differentiable: the
+    generator's regulariser uses :func:`density`.
+
+    Args:
+      masks: ``{'layers': (layer_masks, ...)}`` in the ``jaxprune.models`` layout (missing
+        groups keep everything; ``heads``/``hidden`` are folded in as in :func:`linear_keep`).
+      dims: per-layer dims, e.g. ``layer_dims(config)``.
+      per_layer: return ``int32[L]`` per-layer counts instead of their sum. Use it when the whole
+        model has ``>= 2**31`` prunable parameters (e.g. 7B models) and sum on the host with
+        Python ints: ``sum(int(c) for c in kept_count(m, dims, per_layer=True))``.
+
+    Returns:
+      ``int32`` scalar (or ``int32[L]``) with the kept projection parameters.
+
+    Raises:
+      ValueError: a layer (or, without ``per_layer``, the model) has ``>= 2**31`` prunable
+        parameters, so ``int32`` could overflow; or mis-shaped masks.
+    """
+    layers = _layers(masks, dims)
+    sizes = [sum(k * n for k, n in d.kernel_shapes().values()) for d in dims]
+    if sizes and max(sizes) > _INT32_MAX:
+        raise ValueError(f'a layer has {max(sizes)} prunable parameters (>= 2**31); kept_count '
+                         'counts in int32: count such layers on the host')
+    if not per_layer and sum(sizes) > _INT32_MAX:
+        raise ValueError(f'the model has {sum(sizes)} prunable parameters (>= 2**31); pass '
+                         'per_layer=True and sum the per-layer counts with Python ints')
+    counts = []
+    for layer_masks, d in zip(layers, dims, strict=True):
+        hard = {k: (jnp.asarray(v) > 0.5).astype(jnp.float32)
+                for k, v in (layer_masks or {}).items() if k in _HARD_KEYS and v is not None}
+        total = jnp.zeros((), jnp.int32)
+        for keep_in, keep_out in linear_keep(hard, d).values():  # {0, 1}: products/ORs exact
+            total = total + (jnp.sum(keep_in > 0.5, dtype=jnp.int32)
+                             * jnp.sum(keep_out > 0.5, dtype=jnp.int32))
+        counts.append(total)
+    counts = jnp.stack(counts) if counts else jnp.zeros((0,), jnp.int32)
+    return counts if per_layer else jnp.sum(counts, dtype=jnp.int32)
 
 
 def density(masks: Mapping[str, Any], dims: Sequence[LayerDims]) -> jax.Array:

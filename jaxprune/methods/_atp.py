@@ -21,19 +21,12 @@ channels, so the model can be merged and pruned.
 through :func:`atp_surgery_keep`: ``keep[('mlp', l)] = masks['mlp']`` and a GQA group whose
 ``attn_ctx`` is entirely zero -> ``keep[('heads', l)]`` false; the remaining masks are returned
 sliced to the smaller model (tested: pruned + residual masks == masked logits). The remaining
-DISP dimensions need slicing support that surgery does not have yet:
-
-* per-layer *input* index sets for ``q/k/v_proj`` (``attn_in``) and ``gate/up_proj``
-  (``mlp_in``), and *output* index sets for ``o_proj`` (``attn_out``) and ``down_proj``
-  (``mlp_out``): the block then gathers ``x[..., idx_in]`` after the norm and scatters its output
-  back with ``zeros(D).at[idx_out].add(y)`` into the residual stream (DISP's ``S_l`` selection
-  matrices); config fields like ``layer_attn_in: tuple[int, ...]`` etc.;
-* ragged value-head dims (``attn_ctx``): per head ``h`` keep rows ``S_h`` of ``o_proj`` and, per
-  KV group, the union of its heads' ``S_h`` as ``v_proj`` columns. A dense layout pads every
-  head to ``max_h |S_h|`` (zero rows/columns); only the padded count is saved.
-
-:func:`atp_surgery_plan` returns the keep-index sets for all of these, so a surgery
-implementation (or export) can consume them.
+DISP dimensions (per-layer ``attn_in``/``mlp_in`` input and ``attn_out``/``mlp_out`` output index
+sets, ragged value-head dims of ``attn_ctx``) no config can describe: ``jaxprune.surgery.compact``
+slices them into a plain pytree of kernels + ``int32`` index arrays (DISP's selection matrices),
+run by ``jaxprune.surgery.compact_forward`` and stored by ``jaxprune.surgery.save_compact``;
+``jaxprune.methods.atp_export`` chains merge, surgery and this slicing.
+:func:`atp_surgery_plan` returns the same keep-index sets as numpy arrays.
 """
 
 from __future__ import annotations

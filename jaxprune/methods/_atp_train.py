@@ -11,22 +11,26 @@ ATP (Lu et al., 2024) trains two things with two optimizers on every step of a *
 
 This does not fit the trainer's single optax chain, so :func:`train_atp` is a dedicated driver
 built from the trainer's pieces (model factory, data splits, eval batches, ``loss_sums``,
-``MetricsLogger``, ``Checkpointer``). After the control phase the masks are frozen to
-:func:`project_masks` (the generator's ranking cut at exactly the parameter budget), and LoRA
-keeps training with the group lasso until the pruned groups are ~0. Export (:func:`atp_export`)
-merges LoRA into the weights (``W + s A B``), removes whole GQA groups and FFN neurons through
-``jaxprune.surgery.prune`` and the remaining per-layer dims through ``jaxprune.surgery._dims``,
-so the exported model holds exactly ``kept_params(masks)`` projection parameters.
+``MetricsLogger``, ``Checkpointer``); like the generic loop it checkpoints its whole carry
+(both optimizers, PRNG key, frozen masks, both data-stream positions) and resumes exactly.
+After the control phase the masks are frozen to :func:`project_masks` (the generator's ranking
+cut at exactly the parameter budget), and LoRA keeps training with the group lasso until the
+pruned groups are ~0. Export (:func:`atp_export`) merges LoRA into the weights (``W + s A B``),
+removes whole GQA groups and FFN neurons through ``jaxprune.surgery.prune`` and the remaining
+per-layer dims through ``jaxprune.surgery._dims``, so the exported model holds exactly
+``kept_count(masks)`` projection parameters; the run saves it to ``run_dir/pruned`` with
+``jaxprune.surgery.save_compact`` (``load_compact`` reads it back).
 
-The CLI path: ``prune.method: atp`` configs must dispatch to :func:`train_atp`; the regular
-trainer raises a ``ValueError`` that says so (the registered train ``Method`` cannot alternate
-optimizers).
+The CLI path: :func:`train_atp` is registered as the trainer *driver* of ``prune.method: atp``,
+so ``jaxprune train configs/atp_tiny.yaml`` runs it; building the single-chain train ``Method``
+for ATP raises a ``ValueError`` that says so (it cannot alternate optimizers).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import pathlib
@@ -141,17 +145,10 @@ _register_train_method()
 # Budget projection.
 
 
-def kept_params_exact(masks: Any, dims: Sequence[_density.LayerDims]) -> int:
-    """``jaxprune.masks._density.kept_params`` for hard masks in exact integer arithmetic.
-
-    The density module sums in float32, which is exact only below ``2**24`` kept parameters
-    (SmolLM2 keeps ~6e7: off by a few); this uses its keep vectors with Python ints.
-    """
-    total = 0
-    for layer_masks, d in zip(masks['layers'], dims, strict=True):
-        for keep_in, keep_out in _density.linear_keep(layer_masks or {}, d).values():
-            total += int(np.sum(np.asarray(keep_in) > 0.5)) * int(np.sum(np.asarray(keep_out) > 0.5))
-    return total
+def _kept(masks: Any, dims: Sequence[_density.LayerDims], count: Callable | None = None) -> int:
+    """Exact kept projection params of hard masks: int32 per layer, summed with Python ints."""
+    count = count or functools.partial(_density.kept_count, dims=dims, per_layer=True)
+    return sum(int(c) for c in np.asarray(count(masks)))
 
 
 def project_masks(
@@ -165,10 +162,11 @@ def project_masks(
 
     .. math:: k^* = \max\{k : N(k) \le p \cdot N_{prunable}\}
 
-    with :math:`N` = ``jaxprune.masks._density.kept_params`` (monotone in the prefix, so a binary
-    search finds it). Hence ``density <= target_density < density(k* + 1)``: the removed share is
-    ``1 - target_density`` up to the marginal cost of a single unit. With a generator trained to
-    the target, this is its deterministic mask ``1[l + bias >= 0]`` with a global bias correction.
+    with :math:`N` = ``jaxprune.masks._density.kept_count`` (exact integers; monotone in the
+    prefix, so a binary search finds it). Hence ``density <= target_density < density(k* + 1)``:
+    the removed share is ``1 - target_density`` up to the marginal cost of a single unit. With a
+    generator trained to the target, this is its deterministic mask ``1[l + bias >= 0]`` with a
+    global bias correction.
 
     Args:
       logits: generator logits in the masks layout (``generator_apply(gen_params)``).
@@ -202,8 +200,10 @@ def project_masks(
             start += x.size
         return jax.tree.unflatten(treedef, out)
 
+    count = jax.jit(functools.partial(_density.kept_count, dims=dims, per_layer=True))
+
     def kept(k):
-        return kept_params_exact(masks_of(k), dims)
+        return _kept(masks_of(k), dims, count)
 
     lo, hi = 0, flat.size  # kept(lo) <= budget; find the largest such k
     if kept(hi) <= budget:
@@ -239,10 +239,11 @@ def atp_export(model: nnx.Module, masks: Any) -> tuple[dict[str, Any], Any, dict
       masks: hard ``{0, 1}`` masks in the models layout for ``model.config``.
 
     Returns:
-      ``(compact_params, config, counts)``: run with ``jaxprune.surgery._dims.compact_forward(
-      compact_params, ids, config=config)``; ``counts`` holds ``prunable`` (original projection
-      params), ``kept`` (projection params stored), ``kept_by_density`` (:func:`kept_params_exact`)
-      and ``total`` (all stored float params).
+      ``(compact_params, config, counts)``: run with ``jaxprune.surgery.compact_forward(
+      compact_params, ids, config=config)``, save with ``jaxprune.surgery.save_compact(path,
+      compact_params, config, {'counts': counts})``; ``counts`` holds ``prunable`` (original
+      projection params), ``kept`` (projection params stored), ``kept_by_density`` (the exact
+      integer ``jaxprune.masks._density.kept_count``) and ``total`` (all stored float params).
 
     Raises:
       RuntimeError: the stored count differs from the density module's count (a bug).
@@ -262,7 +263,7 @@ def atp_export(model: nnx.Module, masks: Any) -> tuple[dict[str, Any], Any, dict
     counts = {
         'prunable': int(_density.prunable_params(dims)),
         'kept': _dims.projection_param_count(compact),
-        'kept_by_density': kept_params_exact(masks, dims),
+        'kept_by_density': _kept(masks, dims),
         'total': _dims.param_count(compact),
     }
     if counts['kept'] != counts['kept_by_density']:
@@ -333,7 +334,7 @@ class AtpRun:
     masks: Any
     compact: dict[str, Any]
     compact_config: Any
-    record: dict[str, Any]
+    record: dict[str, Any]  # record['export_path']: the saved compact model (save_compact)
     tokenizer: Any
     splits: Any
 
@@ -358,6 +359,27 @@ def lora_tx(run_cfg: config_lib.RunCfg, dims: Sequence[_density.LayerDims]
     return optax.chain(*parts)
 
 
+# Config fields a resumed run may change: where things are written and how often it logs.
+_RESUME_FREE = ('run_dir', 'checkpoint.', 'train.log_every')
+
+
+def _config_changes(saved: dict[str, Any], run_cfg: config_lib.RunCfg) -> list[str]:
+    """``'key: saved -> now'`` for every config field that differs from a checkpoint's."""
+    def flat(d, prefix=''):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out |= flat(v, f'{prefix}{k}.')
+            else:
+                out[f'{prefix}{k}'] = v
+        return out
+
+    old = flat(saved)
+    new = flat(json.loads(json.dumps(run_cfg.to_dict())))  # JSON round trip: tuples -> lists
+    return [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(old.keys() | new.keys())
+            if not k.startswith(_RESUME_FREE) and old.get(k) != new.get(k)]
+
+
 def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
             max_eval_batches: int | None = None) -> AtpRun:
     """Train ATP per ``run_cfg`` (``prune.method: atp``), export, evaluate; see :func:`train_atp`.
@@ -371,9 +393,11 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
       an :class:`AtpRun`.
 
     Raises:
-      ValueError: wrong method, task, architecture, or LoRA disabled.
+      ValueError: wrong method, task, architecture, or LoRA disabled; checkpoints present with
+        ``checkpoint.resume=false``, or written with another config (all fields but
+        ``run_dir``, ``checkpoint.*`` and ``train.log_every``: schedules depend on them).
     """
-    from jaxprune import checkpoint, data, lora, models, train
+    from jaxprune import checkpoint, data, lora, models, surgery, train
 
     pcfg, tcfg, dcfg = run_cfg.prune, run_cfg.train, run_cfg.data
     if not isinstance(pcfg, AtpCfg):
@@ -385,6 +409,12 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
                          "(targets e.g. '.*\\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj"
                          "|down_proj)')")
     t_start = time.perf_counter()
+    ckpt_dir = pathlib.Path(run_cfg.checkpoint_dir)
+    if (not run_cfg.checkpoint.resume and ckpt_dir.is_dir()
+            and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
+        raise ValueError(
+            f'checkpoint.resume=false but {str(ckpt_dir)!r} holds checkpoints; pass '
+            'checkpoint.resume=true (continue that run) or a fresh run_dir')
     run_dir = pathlib.Path(run_cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_lib.save_config(run_cfg, run_dir / 'config.yaml')
@@ -399,11 +429,6 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
     splits = train.load_splits(dcfg)
     lora_split, gen_split = split_holdout(splits['train'], pcfg.holdout_fraction)
     gen_bs = pcfg.gen_batch_size or dcfg.batch_size
-    lora_stream = data.lm_batches(lora_split, tokenizer, batch_size=dcfg.batch_size,
-                                  seq_len=dcfg.seq_len, seed=dcfg.seed)
-    gen_stream = data.lm_batches(gen_split, tokenizer, batch_size=gen_bs, seq_len=dcfg.seq_len,
-                                 seed=dcfg.seed + 1)
-
     key = jax.random.key(tcfg.seed)
     key, gkey = jax.random.split(key)
     gen_params = _atp_generator.generator_init(
@@ -420,24 +445,75 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
     sample = jax.jit(functools.partial(_atp.sample_step_masks, **sample_kw))
     llm_step = jax.jit(functools.partial(_atp.llm_step, loss_fn=loss_fn, tx=tx))
 
+    def freeze():  # end of the control phase: the generator's ranking cut at the exact budget
+        return project_masks(_atp_generator.generator_apply(gen_params), dims,
+                             target_density=pcfg.target_density, bias=pcfg.bias)
+
     control = pcfg.control_steps(tcfg.steps)
-    log = train.MetricsLogger(run_dir, total_steps=tcfg.steps, progress=progress)
-    ckpts = checkpoint.Checkpointer(run_cfg.checkpoint_dir, max_to_keep=run_cfg.checkpoint.keep)
+    # Everything the loop carries. Before the freeze `masks` holds a same-shaped placeholder, so
+    # every checkpoint has one structure (meta['frozen'] says which it is).
+    placeholder = jax.tree.map(lambda x: jnp.ones(x.shape, jnp.float32),
+                               _atp_generator.generator_apply(gen_params))
+    carry = {'gen_params': gen_params, 'gen_opt': gen_opt, 'trainable': trainable,
+             'opt_state': opt_state, 'masks': placeholder, 'key': key}
     masks = None
-    window: list[dict[str, Any]] = []
+    start, train_s = 0, 0.0
+    positions = {'lora': 0, 'generator': 0}  # batches consumed per stream (data.lm_batches start)
     tokens = {'lora': 0, 'generator': 0}
     timing = {'control_s': 0.0, 'freeze_s': 0.0}
+    ckpts = checkpoint.Checkpointer(run_cfg.checkpoint_dir, max_to_keep=run_cfg.checkpoint.keep)
     try:
-        if control == 0:
-            masks = project_masks(_atp_generator.generator_apply(gen_params), dims,
-                                  target_density=pcfg.target_density, bias=pcfg.bias)
-        for step in range(tcfg.steps):
+        if run_cfg.checkpoint.resume:
+            found = ckpts.restore_latest_valid(target=carry)
+            if found is not None:
+                start, carry, meta = found
+                gen_params, gen_opt, trainable, opt_state, key = (
+                    carry[k] for k in ('gen_params', 'gen_opt', 'trainable', 'opt_state', 'key'))
+                masks = carry['masks'] if meta['frozen'] else None
+                positions, tokens = meta['positions'], meta['tokens']
+                timing, train_s = meta['timing'], meta['train_s']
+                changed = _config_changes(meta.get('config', {}), run_cfg)
+                if changed:
+                    raise ValueError(
+                        f'checkpoint step {start} in {str(ckpt_dir)!r} was written with another '
+                        f'config ({"; ".join(changed)}); resume with the same config, or use a '
+                        'fresh run_dir')
+                logger.info('ATP resumed from step %d (data positions %s)', start, positions)
+    except BaseException:
+        ckpts.close()
+        raise
+    log = train.MetricsLogger(run_dir, total_steps=tcfg.steps, start_step=start,
+                              progress=progress)
+    if start:
+        log.log('resume', start, data_position=positions['lora'],
+                generator_data_position=positions['generator'], frozen=masks is not None)
+    lora_stream = data.lm_batches(lora_split, tokenizer, batch_size=dcfg.batch_size,
+                                  seq_len=dcfg.seq_len, seed=dcfg.seed, start=positions['lora'])
+    gen_stream = data.lm_batches(gen_split, tokenizer, batch_size=gen_bs, seq_len=dcfg.seq_len,
+                                 seed=dcfg.seed + 1, start=positions['generator'])
+
+    def save(done):
+        state = {'gen_params': gen_params, 'gen_opt': gen_opt, 'trainable': trainable,
+                 'opt_state': opt_state, 'masks': placeholder if masks is None else masks,
+                 'key': key}
+        ckpts.save(done, state, {
+            'step': done, 'frozen': masks is not None, 'positions': positions, 'tokens': tokens,
+            'timing': timing, 'train_s': train_s + time.perf_counter() - t_start,
+            'config': run_cfg.to_dict()})
+
+    window: list[dict[str, Any]] = []
+    try:
+        if masks is None and start >= control:  # control == 0 (or a run already past it)
+            masks = freeze()
+        for step in range(start, tcfg.steps):
             t0 = time.perf_counter()
             batch = {k: jnp.asarray(v) for k, v in next(lora_stream).items()}
+            positions['lora'] += 1
             m: dict[str, Any] = {}
             key, k_gen, k_mask = jax.random.split(key, 3)
             if step < control:
                 gb = {k: jnp.asarray(v) for k, v in next(gen_stream).items()}
+                positions['generator'] += 1
                 gen_params, gen_opt, gm = gen_step(gen_params, gen_opt, trainable, frozen, gb,
                                                    k_gen)
                 tokens['generator'] += int(gb['input_ids'].size)
@@ -445,11 +521,6 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
                 m.update({'gen_loss': gm['loss'], 'gen_task_loss': gm['task_loss'],
                           'sampled_density': gm['density']})
             else:
-                if masks is None:  # end of the control phase: freeze at the exact budget
-                    masks = project_masks(_atp_generator.generator_apply(gen_params), dims,
-                                          target_density=pcfg.target_density, bias=pcfg.bias)
-                    ckpts.save(step, {'gen_params': gen_params, 'trainable': trainable},
-                               {'step': step, 'phase': 'freeze'})
                 step_masks = masks
             trainable, opt_state, lm = llm_step(trainable, opt_state, frozen, step_masks, batch)
             tokens['lora'] += int(batch['input_ids'].size)
@@ -472,14 +543,19 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
                 window = []
             else:
                 log.advance(done)
+            if done == control:
+                masks = freeze()
+            every = run_cfg.checkpoint.every
+            if (every and done % every == 0) or done in (control, tcfg.steps):
+                save(done)
         if masks is None:
-            masks = project_masks(_atp_generator.generator_apply(gen_params), dims,
-                                  target_density=pcfg.target_density, bias=pcfg.bias)
-        train_s = time.perf_counter() - t_start
-        ckpts.save(tcfg.steps, {'gen_params': gen_params, 'trainable': trainable},
-                   {'step': tcfg.steps, 'phase': 'end'})
+            masks = freeze()
+        train_s += time.perf_counter() - t_start
         model = nnx.merge(graphdef, trainable, frozen)
         compact, new_config, counts = atp_export(model, masks)
+        export_path = surgery.save_compact(run_dir / 'pruned', compact, new_config, meta={
+            'method': 'atp', 'model': str(run_cfg.model.name_or_path), 'steps': tcfg.steps,
+            'target_density': pcfg.target_density, 'counts': counts})
         batches = train.eval_batches(splits['validation'], tokenizer, dcfg, task='causal_lm')
         batches = batches[:max_eval_batches] if max_eval_batches else batches
 
@@ -496,9 +572,10 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
         record = {
             'method': 'atp', 'steps': tcfg.steps, 'control_steps': control,
             'target_density': pcfg.target_density,
-            'density': float(_density.density(masks, dims)),
+            'density': counts['kept_by_density'] / counts['prunable'],  # exact integers
             'pruned_lora_norm': pruned_lora_norm(trainable, masks, dims),
-            'params': counts, 'tokens': tokens, 'train_s': train_s, **timing,
+            'params': counts, 'export_path': str(export_path), 'tokens': tokens,
+            'train_s': train_s, **timing,
             'eval_masked': ev_masked, 'eval_lora_aware': ev_aware, 'eval_export': ev_export,
             'eval_tokens': ev_export['count'],
         }
@@ -531,8 +608,24 @@ def train_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
 
     Writes ``run_dir/config.yaml``, ``run_dir/metrics.jsonl`` (train events every
     ``train.log_every`` steps with ``loss``, ``gen_loss``, ``sampled_density``,
-    ``pruned_lora_norm``) and checkpoints ``{gen_params, trainable}`` at the freeze and at the
-    end under ``cfg.checkpoint_dir`` (no resume: a restarted run starts over).
+    ``pruned_lora_norm``), checkpoints under ``cfg.checkpoint_dir`` and the pruned model to
+    ``run_dir/pruned`` (``jaxprune.surgery.save_compact``: ``model.safetensors`` +
+    ``jaxprune_compact.json``; read it back with ``jaxprune.surgery.load_compact`` and run it
+    with ``jaxprune.surgery.compact_forward``).
+
+    **Checkpoints and resume.** A checkpoint holds everything the loop carries: generator params
+    and AdamW state, the LoRA factors and their optimizer state (group-lasso state included),
+    the frozen masks once the control phase is over (a placeholder before; ``meta['frozen']``
+    tells), the PRNG key, and in its JSON meta the step, the positions of both data streams
+    (LoRA and generator batches consumed, fed back as ``data.lm_batches(start=...)`` as in the
+    generic trainer loop), token counts and timings. It is written every ``checkpoint.every``
+    steps (if > 0), at the freeze (the end of the control phase) and at the end. With
+    ``checkpoint.resume: true`` (the default) a restarted run restores the latest readable
+    checkpoint (``Checkpointer.restore_latest_valid``) and continues; it ends with the same
+    LoRA factors, masks and metrics as an uninterrupted run (tested bit-exact on CPU). With
+    ``checkpoint.resume: false`` a run directory that holds checkpoints is refused, and so is
+    resuming with a changed config (``train.steps`` and the ``prune`` fields shape the
+    schedules).
 
     Args:
       run_cfg: a ``RunCfg`` with ``prune.method: atp`` (see :class:`AtpCfg`).
@@ -541,8 +634,9 @@ def train_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
 
     Returns:
       ``{'density', 'params': {'prunable', 'kept', 'kept_by_density', 'total'},
-      'eval_masked', 'eval_lora_aware', 'eval_export', 'tokens', 'train_s', ...}``;
-      ``eval_export`` is the exported (physically pruned) model's validation metrics.
+      'export_path', 'eval_masked', 'eval_lora_aware', 'eval_export', 'tokens', 'train_s',
+      ...}``; ``eval_export`` is the exported (physically pruned) model's validation metrics
+      and ``export_path`` the folder holding it.
 
     References:
       Lu et al., 2024, *All-in-One Tuning and Structural Pruning for Domain-Specific LLMs*,

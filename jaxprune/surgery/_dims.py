@@ -18,9 +18,13 @@ No model config can describe these ragged per-layer index sets, so :func:`compac
 plain pytree (sliced kernels + ``int32`` index arrays whose *shapes* are static) and
 :func:`compact_forward` is its forward. Invariant (tested): ``compact_forward(compact(config,
 params, masks))`` equals ``Llama(config)(x, masks=masks)`` (evaluation semantics), and the number
-of projection parameters equals ``jaxprune.masks._density.kept_params(masks, dims)`` exactly.
+of projection parameters equals ``jaxprune.masks._density.kept_count(masks, dims)`` exactly.
 Biased projections (``attention_bias``/``mlp_bias``) are not supported (a pruned input dim does not
 remove a bias, so the count model would differ); SmolLM2/Llama have none.
+
+On disk: ``jaxprune.surgery.save_compact`` / ``load_compact`` (``_compact_io``) store the pytree as
+``model.safetensors`` (flat keys, ``int32`` indices) + ``jaxprune_compact.json`` (config, per-layer
+kept dims, counts).
 """
 
 from __future__ import annotations

@@ -173,3 +173,54 @@ def test_log_ratio_gradient_points_to_target():
     g_lo = jax.grad(_density.log_ratio)(0.3, 0.5)
     np.testing.assert_allclose(float(g_hi), 1 / 0.8, rtol=1e-6)
     np.testing.assert_allclose(float(g_lo), -1 / 0.3, rtol=1e-6)
+
+
+# SmolLM2-135M layer shapes, 8 layers: 28.3M prunable params (> 2**24), built from dims only.
+LARGE = {'num_layers': 8, 'hidden_size': 576, 'num_heads': 9, 'num_kv_heads': 3, 'head_dim': 64,
+         'intermediate_size': 1536}
+
+
+@pytest.mark.parametrize('jit', [False, True])
+def test_kept_count_matches_reference_above_float32_range(jit):
+    """int32 count == brute-force numpy nonzero count (exact) where float32 sums cannot be."""
+    dims = _density.layer_dims(LARGE)
+    masks = _random_masks(dims, np.random.default_rng(4), p_keep=0.9)
+    expected = _bruteforce_kept(masks, dims)
+    jmasks = jax.tree.map(jnp.asarray, masks)
+    # The case is meaningful: float32 cannot hold the count and kept_params is off (by 3).
+    assert expected > 2**24 and int(np.float32(expected)) != expected
+    assert float(_density.kept_params(jmasks, dims)) != expected
+    count = jax.jit(_density.kept_count, static_argnums=1) if jit else _density.kept_count
+    got = count(jmasks, dims)
+    assert got.dtype == jnp.int32 and int(got) == expected
+    per_layer = _density.kept_count(jmasks, dims, per_layer=True)
+    assert per_layer.shape == (len(dims),) and sum(int(c) for c in per_layer) == expected
+
+
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+def test_kept_count_binarises_soft_masks(name):
+    """m > 0.5 is kept: the count of soft masks equals the float count of their rounding."""
+    dims = _density.layer_dims(CONFIGS[name])
+    rng = np.random.default_rng(3)
+    soft = {'layers': tuple({n: jnp.asarray(rng.uniform(0, 1, s), jnp.float32)
+                             for n, s in d.group_sizes().items()} for d in dims)}
+    hard = jax.tree.map(lambda m: (m > 0.5).astype(jnp.float32), soft)
+    assert int(_density.kept_count(soft, dims)) == int(_density.kept_params(hard, dims))
+    heads = {'layers': ({'heads': jnp.array([0.9, 0.8, 0.2, 0.1])},) + ({},) * (len(dims) - 1)}
+    if name == 'gqa':  # heads folded in like linear_keep: KV group 1 dies
+        want = {'layers': ({'heads': jnp.array([1.0, 1.0, 0.0, 0.0])}, {})}
+        assert int(_density.kept_count(heads, dims)) == int(_density.kept_params(want, dims))
+
+
+def test_kept_count_int32_guard():
+    """A 7B-shaped model (6.5e9 prunable) overflows int32 as a sum, not per layer."""
+    dims = _density.layer_dims({'num_layers': 32, 'hidden_size': 4096, 'num_heads': 32,
+                                'num_kv_heads': 32, 'head_dim': 128,
+                                'intermediate_size': 11008})
+    with pytest.raises(ValueError, match='per_layer=True'):
+        _density.kept_count(None, dims)
+    per_layer = _density.kept_count(None, dims, per_layer=True)
+    assert sum(int(c) for c in per_layer) == _density.prunable_params(dims) > 2**31
+    huge = (_density.LayerDims(hidden=65536, heads=8, kv_heads=8, head_dim=8192, mlp=8),)
+    with pytest.raises(ValueError, match='a layer has'):
+        _density.kept_count(None, huge, per_layer=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxprune import config, lora, models
+from jaxprune import config, lora, models, surgery
 from jaxprune.masks import _density
 from jaxprune.methods import _atp_train
 from jaxprune.scores import _atp_generator
@@ -133,7 +133,7 @@ def test_project_masks_exact_budget(target):
     _, nxt = _reference_projection(logits, dims, target, 0.0)
     prunable = _density.prunable_params(dims)
     kept = _reference_kept(masks, dims)
-    assert _atp_train.kept_params_exact(masks, dims) == kept
+    assert int(_density.kept_count(masks, dims)) == kept
     assert kept <= target * prunable < _reference_kept(nxt, dims)
     # The largest single-unit cost in this model bounds the gap (q+k columns of a GQA group).
     d = dims[0]
@@ -195,7 +195,8 @@ def test_train_atp_tiny_end_to_end(tmp_path):
     cfg = config.load_config(ROOT / 'configs' / 'atp_tiny.yaml', [
         f'run_dir={tmp_path}', 'train.steps=6', 'train.log_every=3', 'prune.lasso_init=1000',
         'prune.lasso_max=1000', 'data.eval_max_examples=20'])
-    rec = _atp_train.train_atp(cfg, progress=False)
+    run = _atp_train.run_atp(cfg, progress=False)
+    rec = run.record
     assert rec['control_steps'] == 3
     p = rec['params']
     assert p['kept'] == p['kept_by_density']
@@ -210,6 +211,14 @@ def test_train_atp_tiny_end_to_end(tmp_path):
     assert [e['phase'] for e in train_events] == ['control', 'frozen']
     assert 'sampled_density' in train_events[0]
     assert (tmp_path / 'checkpoints').is_dir()
+    # The export on disk is the in-memory export, bit for bit, with the same counts.
+    assert rec['export_path'] == str(tmp_path / 'pruned')
+    compact, cfg_disk, disk = surgery.load_compact(rec['export_path'])
+    assert cfg_disk == run.compact_config
+    for a, b in zip(jax.tree.leaves(compact), jax.tree.leaves(run.compact), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert disk['counts'] == p
+    assert disk['density'] == p['kept'] / p['prunable'] and disk['meta']['method'] == 'atp'
 
 
 @pytest.mark.slow
