@@ -38,6 +38,7 @@ import datetime
 import json
 import pathlib
 import platform
+import tempfile
 import time
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -178,11 +179,13 @@ def main(argv=None) -> dict:
     p.add_argument('--calib-batches', type=int, default=4)
     p.add_argument('--criterion', choices=('taylor', 'magnitude'), default='taylor')
     p.add_argument('--reps', type=int, default=7)
-    p.add_argument('--run-dir', default='/tmp/jaxprune_bench_atp')
+    p.add_argument('--run-dir', default=None,
+                   help='ATP run directory (default: a fresh temp dir; must not hold checkpoints)')
     p.add_argument('--out', default=None)
     p.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE',
                    help='extra config overrides, e.g. prune.bias=3.0 prune.generator_lr=0.03')
     args = p.parse_args(argv)
+    args.run_dir = args.run_dir or tempfile.mkdtemp(prefix='jaxprune_bench_atp_')
     cfg = _run_cfg(args)
     dcfg = cfg.data
     print(f'config {CONFIGS[args.model]} steps={args.steps} density={args.density}',

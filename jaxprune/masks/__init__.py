@@ -28,6 +28,7 @@ from jaxprune.masks._structured import to_model_masks as to_model_masks
 from jaxprune.masks._density import GROUP_NAMES as GROUP_NAMES
 from jaxprune.masks._density import LayerDims as LayerDims
 from jaxprune.masks._density import density as density
+from jaxprune.masks._density import kept_count as kept_count
 from jaxprune.masks._density import kept_params as kept_params
 from jaxprune.masks._density import layer_dims as layer_dims
 from jaxprune.masks._density import linear_keep as linear_keep
