@@ -322,8 +322,12 @@ class RunCfg:
                              "data.dataset=tiny-text for model.task=causal_lm")
 
     @property
-    def checkpoint_dir(self) -> pathlib.Path:
-        return pathlib.Path(self.checkpoint.dir or pathlib.Path(self.run_dir) / 'checkpoints')
+    def checkpoint_dir(self) -> Any:
+        """``checkpoint.dir`` or ``run_dir/checkpoints``; a ``gs://`` URL stays a URL (epath)."""
+        from jaxprune.checkpoint import _checkpointer  # local: config stays import-light
+
+        return _checkpointer.as_directory(self.checkpoint.dir or pathlib.Path(self.run_dir)
+                                          / 'checkpoints')
 
     def to_dict(self) -> dict[str, Any]:
         """A plain nested dict (YAML/JSON safe) that ``from_dict`` turns back into this config."""

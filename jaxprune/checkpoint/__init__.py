@@ -25,7 +25,10 @@ from jaxprune.checkpoint._checkpointer import (
     Checkpointer,
     CorruptCheckpointError,
     NonFiniteStateError,
+    as_directory,
 )
 from jaxprune.checkpoint._diff import tree_diff
 
-__all__ = ['Checkpointer', 'CorruptCheckpointError', 'NonFiniteStateError', 'tree_diff']
+__all__ = [
+    'Checkpointer', 'CorruptCheckpointError', 'NonFiniteStateError', 'as_directory', 'tree_diff',
+]

@@ -11,6 +11,7 @@ from typing import Any, Self
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxprune.checkpoint import _diff
@@ -27,6 +28,27 @@ class NonFiniteStateError(ValueError):
 
 class CorruptCheckpointError(RuntimeError):
     """Raised when a checkpoint step exists but cannot be read (truncated / missing files)."""
+
+
+def as_directory(directory: str | pathlib.Path | epath.Path) -> pathlib.Path | epath.Path:
+    """A checkpoint directory as a path object: URLs stay URLs, local paths become absolute.
+
+    ``gs://bucket/run`` (or any ``scheme://``) becomes an ``etils.epath.Path``, which orbax reads
+    and writes natively, so a TPU pod can checkpoint straight to a bucket every host sees; a local
+    path is ``expanduser``-ed and made absolute. (``pathlib.Path('gs://b/x')`` would silently turn
+    the URL into a relative local folder ``gs:/b/x``.)
+
+      >>> str(as_directory('gs://bucket/run/checkpoints'))
+      'gs://bucket/run/checkpoints'
+      >>> as_directory('~/ckpt').is_absolute()
+      True
+    """
+    if isinstance(directory, epath.Path) and not isinstance(directory, pathlib.Path):
+        return directory
+    text = str(directory)
+    if '://' in text:
+        return epath.Path(text)
+    return pathlib.Path(text).expanduser().absolute()
 
 
 def _is_key(x: Any) -> bool:
@@ -135,7 +157,7 @@ class Checkpointer:
 
     def __init__(
         self,
-        directory: str | pathlib.Path,
+        directory: str | pathlib.Path | epath.Path,
         *,
         max_to_keep: int | None = 3,
         save_interval_steps: int = 1,
@@ -145,7 +167,7 @@ class Checkpointer:
             raise ValueError(f'{max_to_keep=} must be >= 1 (or None to keep every step)')
         if save_interval_steps < 1:
             raise ValueError(f'{save_interval_steps=} must be >= 1')
-        self.directory = pathlib.Path(directory).expanduser().absolute()
+        self.directory = as_directory(directory)
         self._async = async_save
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,

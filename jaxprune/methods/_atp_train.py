@@ -409,7 +409,7 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
                          "(targets e.g. '.*\\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj"
                          "|down_proj)')")
     t_start = time.perf_counter()
-    ckpt_dir = pathlib.Path(run_cfg.checkpoint_dir)
+    ckpt_dir = run_cfg.checkpoint_dir  # pathlib.Path, or epath.Path for gs://
     if (not run_cfg.checkpoint.resume and ckpt_dir.is_dir()
             and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
         raise ValueError(

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxprune import checkpoint
 from jaxprune.checkpoint import _checkpointer, _diff
 from jaxprune.sharding import _mesh
 
@@ -320,3 +321,24 @@ def test_restore_target_must_be_abstract_arrays(tmp_ckpt):
     ckpt.save(0, {'w': jnp.ones(2), 'n': jnp.array(3)})
     with pytest.raises(ValueError, match="target leaf 'n' is int"):
         ckpt.restore(target={'w': jax.ShapeDtypeStruct((2,), jnp.float32), 'n': 3})
+
+
+@pytest.mark.parametrize('url', ['gs://bucket/run/checkpoints', 's3://b/x'])
+def test_as_directory_keeps_urls(url):
+    d = checkpoint.as_directory(url)
+    assert str(d) == url  # pathlib would turn it into the local folder 'gs:/bucket/...'
+    assert str(d / '3') == f'{url}/3'
+
+
+def test_as_directory_local_is_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert checkpoint.as_directory('ckpt') == tmp_path / 'ckpt'
+    assert checkpoint.as_directory(tmp_path) == tmp_path
+
+
+def test_run_config_checkpoint_dir_keeps_a_bucket_url():
+    from jaxprune import config
+
+    cfg = config.load_config(None, ['run_dir=/tmp/r', 'checkpoint.dir=gs://bucket/ckpt'])
+    assert str(cfg.checkpoint_dir) == 'gs://bucket/ckpt'
+    assert str(config.load_config(None, ['run_dir=/tmp/r']).checkpoint_dir) == '/tmp/r/checkpoints'
