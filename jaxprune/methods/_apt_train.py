@@ -377,14 +377,12 @@ class AptMethod:
         del trainable, out, batch
         return jnp.zeros((), jnp.float32), {}
 
-    def value_and_grad(self, fn, trainable, rest, batch, masks, rng):
+    def value_and_grad(self, fn, trainable, rest, batch, masks, rng, *, graphdef):
         """Loss, gradients and APT salience from one backward pass (taps), plus distillation."""
         from jaxprune.models import _llama
         from jaxprune.train import _step
 
         del rng
-        # The loop passes loss_fn as a partial; its keywords hold the graphdef and the task.
-        graphdef = fn.keywords['graphdef']
         model_masks = self.model_masks(masks)
         teacher_masks = self.model_masks({'units': {}, 'rank': masks['rank']})
         ids, am, labels = batch['input_ids'], batch.get('attention_mask'), batch['labels']

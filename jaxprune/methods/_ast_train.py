@@ -340,11 +340,10 @@ class AstMethod:
         return jax.lax.cond((step > 0) & (step % cfg.update_every == 0), fresh,
                             lambda: masks['weights'])
 
-    def value_and_grad(self, fn, trainable, rest, batch, masks, rng):
+    def value_and_grad(self, fn, trainable, rest, batch, masks, rng, *, graphdef):
         weights = self.recompute(trainable, masks)
         masks = {**masks, 'weights': weights}
         if self.cfg.distill:
-            graphdef = fn.keywords['graphdef']  # the loop's loss_fn partial carries it
             teacher = nnx.merge(graphdef, masks['teacher'], rest)
             t_logits = jax.lax.stop_gradient(_forward(teacher, batch))
             batch = {**batch, 'teacher_logits': t_logits}

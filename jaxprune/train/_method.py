@@ -12,8 +12,9 @@ A ``Method`` contributes these things and nothing else:
   optimizer-state ``masks`` to what the forward sees, returning ``(trainable, rest, model_masks)``.
   Structured methods pass masks through as ``model(..., masks=...)``; AST instead applies its
   weight masks to the kernels with a straight-through estimator and returns ``model_masks=None``.
-* ``value_and_grad(fn, trainable, rest, batch, masks, rng)`` (optional, inside ``jit``): computes
-  ``((loss, aux), grads, update_kwargs)``; ``update_kwargs`` reach ``tx.update`` as extra args
+* ``value_and_grad(fn, trainable, rest, batch, masks, rng, *, graphdef)`` (optional, inside
+  ``jit``; ``graphdef`` is the trainable model's, for methods that run extra forwards, e.g. a
+  teacher): computes ``((loss, aux), grads, update_kwargs)``; ``update_kwargs`` reach ``tx.update`` as extra args
   (APT passes ``salience=`` gathered from activation taps in the same backward pass). The default
   is ``jax.value_and_grad(fn, has_aux=True)`` with no extra args.
 * ``prepare_model(model)`` (optional, outside ``jit``, once per ``setup``): may add parameters
@@ -91,8 +92,9 @@ def default_prepare(trainable: Any, rest: Any, masks: Any) -> tuple[Any, Any, An
     return trainable, rest, masks
 
 
-def default_value_and_grad(fn, trainable, rest, batch, masks, rng):
+def default_value_and_grad(fn, trainable, rest, batch, masks, rng, *, graphdef=None):
     """Plain ``jax.value_and_grad`` over ``trainable``; no extra args for ``tx.update``."""
+    del graphdef
     (loss, aux), grads = jax.value_and_grad(fn, has_aux=True)(trainable, rest, batch, masks, rng)
     return (loss, aux), grads, {}
 

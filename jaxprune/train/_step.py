@@ -129,7 +129,7 @@ def train_step(
     masks = get_masks(state.opt_state)
     fn = functools.partial(loss_fn, graphdef=graphdef, task=task, method=method)
     (loss, aux), grads, update_kwargs = _method.value_and_grad_fn(method)(
-        fn, state.trainable, rest, batch, masks, step_rng)
+        fn, state.trainable, rest, batch, masks, step_rng, graphdef=graphdef)
     updates, new_opt = tx.update(grads, state.opt_state, state.trainable, **update_kwargs)
     new_params = optax.apply_updates(state.trainable, updates)
     ok = jnp.isfinite(loss) & _all_finite(grads)

@@ -153,7 +153,7 @@ def test_value_and_grad_distills_from_frozen_teacher():
     fn = functools.partial(train_lib.train_step.__globals__['loss_fn'], graphdef=graphdef,
                            task='causal_lm', method=method)
     (loss, aux), _grads, kw = method.value_and_grad(fn, trainable, rest, _batch(), masks,
-                                                   jax.random.key(0))
+                                                   jax.random.key(0), graphdef=graphdef)
     np.testing.assert_allclose(aux['kd'], 0.0, atol=1e-6)
     np.testing.assert_allclose(loss, aux['ce'], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(kw['new_masks']), jax.tree.leaves(dense), strict=True):
