@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import pathlib
 import time
@@ -55,6 +56,8 @@ from jaxprune.methods import _ast, _calibrate, _distill
 from jaxprune.scores import _magnitude, _wanda
 from jaxprune.train import _factory
 from jaxprune.transforms import _decay, _sparsify
+
+logger = logging.getLogger(__name__)
 
 _INIT_SCORES = ('magnitude', 'wanda')
 
@@ -82,6 +85,7 @@ class AstCfg(config_lib.PruneCfg):
     slorb: bool = False
     slorb_k: int = 16
     include: str = _nm.DEFAULT_INCLUDE
+    export_dir: str | None = 'sparse24'  # relative to run_dir; null = no 2:4 export at the end
 
     def __post_init__(self):
         super().__post_init__()
@@ -375,7 +379,26 @@ class AstMethod:
                            'flip_rate': flip}
                     with path.open('a') as f:
                         f.write(json.dumps(rec) + '\n')
+        if (self.run_cfg is not None and step == self.run_cfg.train.steps and self.cfg.export_dir
+                and (self.cfg.n, self.cfg.m) == (2, 4) and jax.process_index() == 0):
+            self.export(state, pathlib.Path(self.run_cfg.run_dir) / self.cfg.export_dir)
         return state
+
+    def export(self, state: train_lib.LoopState, path: str | pathlib.Path) -> pathlib.Path:
+        """Writes the trained model with its final 2:4 masks in the compressed 2:4 layout.
+
+        The folder is ``jaxprune.methods.export_sparse24``'s (HF ``config.json`` +
+        ``model.safetensors`` with every masked kernel as 2:4 values + bitmask, SLoRB weights
+        beside); ``jaxprune.methods.load_sparse24`` loads it into ``Sparse24`` kernels whose
+        logits equal the masked dense model's.
+        """
+        from jaxprune.methods import _ast_infer
+
+        model = nnx.merge(state.graphdef, state.state.trainable, state.rest)
+        masks = _ast_infer.mask_dict(final_masks(state.state.opt_state))
+        out = _ast_infer.export_sparse24(model, model.config, masks, path)
+        logger.info('exported the 2:4 model to %s', out)
+        return out
 
 
 def _forward(model, batch):

@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxprune import config
+from jaxprune import config, methods
 from jaxprune import train as train_lib
 from jaxprune.masks import _nm
 from jaxprune.methods import _ast_train
@@ -186,6 +186,17 @@ def test_train_loop_end_to_end(tmp_path):
     init = s.state.trainable
     for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(init), strict=True):
         np.testing.assert_array_equal(a, b)
+    # The run ends with the compressed 2:4 export; it reloads to the masked dense model's logits.
+    from jaxprune.methods import _ast_infer
+
+    reloaded, _, _ = _ast_infer.load_sparse24(tmp_path / 'sparse24', implementation='xla')
+    masked = nnx.merge(s.graphdef, methods.ast_forward_params(state.trainable, masks), s.rest)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg_vocab(masked), (2, 8)), jnp.int32)
+    np.testing.assert_allclose(reloaded(ids), masked(ids), atol=1e-5)
+
+
+def cfg_vocab(model):
+    return model.config.vocab_size
 
 
 def test_slorb_needs_slorb_params():
