@@ -380,7 +380,7 @@ class AstMethod:
                     with path.open('a') as f:
                         f.write(json.dumps(rec) + '\n')
         if (self.run_cfg is not None and step == self.run_cfg.train.steps and self.cfg.export_dir
-                and (self.cfg.n, self.cfg.m) == (2, 4) and jax.process_index() == 0):
+                and (self.cfg.n, self.cfg.m) == (2, 4)):
             self.export(state, pathlib.Path(self.run_cfg.run_dir) / self.cfg.export_dir)
         return state
 
@@ -390,12 +390,22 @@ class AstMethod:
         The folder is ``jaxprune.methods.export_sparse24``'s (HF ``config.json`` +
         ``model.safetensors`` with every masked kernel as 2:4 values + bitmask, SLoRB weights
         beside); ``jaxprune.methods.load_sparse24`` loads it into ``Sparse24`` kernels whose
-        logits equal the masked dense model's.
+        logits equal the masked dense model's. In a multi-process run every process must call
+        it (the sharded weights are gathered); process 0 writes.
         """
         from jaxprune.methods import _ast_infer
 
-        model = nnx.merge(state.graphdef, state.state.trainable, state.rest)
-        masks = _ast_infer.mask_dict(final_masks(state.state.opt_state))
+        trainable, rest = state.state.trainable, state.rest
+        weights = final_masks(state.state.opt_state)
+        if jax.process_count() > 1:  # a collective: every process gathers, process 0 writes
+            from jax.experimental import multihost_utils
+
+            trainable, rest, weights = multihost_utils.process_allgather(
+                (trainable, rest, weights), tiled=True)
+            if jax.process_index() != 0:
+                return pathlib.Path(path)
+        model = nnx.merge(state.graphdef, trainable, rest)
+        masks = _ast_infer.mask_dict(weights)
         out = _ast_infer.export_sparse24(model, model.config, masks, path)
         logger.info('exported the 2:4 model to %s', out)
         return out
