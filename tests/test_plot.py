@@ -76,6 +76,7 @@ def test_plot_run_only_loss_writes_only_loss_plot(tmp_path):
     [
         ('target_density', 0.5, ['density.png']),
         ('density', 0.5, ['density.png']),
+        ('sampled_density', 0.7, ['density.png']),  # ATP's control phase
         ('kept_heads', [4, 3], ['kept_heads.png']),
         ('kept_mlp', [64, 60, 12], ['kept_mlp.png']),
         ('lora_ranks', [[4, 4], [8, 2]], ['lora_ranks.png']),  # several adapters per layer

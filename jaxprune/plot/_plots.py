@@ -153,7 +153,8 @@ def plot_run(
 
     * ``loss.png``: train ``loss`` and eval ``loss`` against the step;
     * ``eval.png``: eval ``accuracy`` and ``perplexity`` (one panel each present);
-    * ``density.png``: actual ``density`` against ``target_density``;
+    * ``density.png``: actual ``density`` against ``target_density`` (and ATP's
+      ``sampled_density`` during its control phase);
     * ``kept_heads.png`` / ``kept_mlp.png`` / ``lora_ranks.png``: step x layer heatmaps of
       per-layer lists (a dict is read as one column per sorted key);
     * ``flip_rate.png``: the AST mask flip rate.
@@ -194,7 +195,8 @@ def plot_run(
         written.append(_save(fig, out / 'eval.png'))
 
     density = [(label, _series(events, key), style) for label, key, style in
-               (('actual', 'density', '-'), ('target', 'target_density', '--'))]
+               (('actual', 'density', '-'), ('target', 'target_density', '--'),
+                ('sampled (ATP generator)', 'sampled_density', ':'))]
     density = [d for d in density if d[1][0]]
     if density:
         written.append(_plot_lines(out / 'density.png', 'density', 'kept fraction', density))
