@@ -3,6 +3,7 @@
 import json
 import pathlib
 
+import disp_masks
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,36 +18,6 @@ from jaxprune.surgery import _dims
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ALL = r'.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)'
-
-
-def _random_masks(cfg, seed, keep=0.6, empty_layer=None):
-    rng = np.random.default_rng(seed)
-    layers = []
-    for i, d in enumerate(_density.layer_dims(cfg)):
-        m = {k: (rng.random(n) < keep).astype(np.float32)
-             for k, n in d.group_sizes().items()}
-        if i == empty_layer:  # a whole attention and FFN block pruned
-            m['attn_ctx'][:] = 0
-            m['mlp'][:] = 0
-        layers.append({k: jnp.asarray(v) for k, v in m.items()})
-    return {'layers': tuple(layers)}
-
-
-def _reference_kept(masks, dims):
-    """Plain numpy: count surviving weights one matrix entry at a time (no density module)."""
-    total = 0
-    for m, d in zip(masks['layers'], dims, strict=True):
-        m = {k: np.asarray(v) > 0.5 for k, v in m.items()}
-        ctx = m['attn_ctx'].reshape(d.kv_heads, d.q_per_kv, d.head_dim)
-        group = ctx.any(axis=(1, 2))
-        q_out = np.repeat(group, d.q_per_kv * d.head_dim)
-        k_out = np.repeat(group, d.head_dim)
-        v_out = ctx.any(axis=1).reshape(-1)
-        pairs = [(m['attn_in'], q_out), (m['attn_in'], k_out), (m['attn_in'], v_out),
-                 (m['attn_ctx'], m['attn_out']), (m['mlp_in'], m['mlp']),
-                 (m['mlp_in'], m['mlp']), (m['mlp'], m['mlp_out'])]
-        total += sum(int(np.outer(a, b).sum()) for a, b in pairs)
-    return total
 
 
 def _lora_model(cfg, seed=0):
@@ -67,7 +38,7 @@ def test_compact_matches_reference(seed, keep, empty_layer, jit):
     """Compact forward == masked Llama (f32, atol 1e-5); stored params == reference count."""
     cfg = models.LlamaConfig.tiny()
     model = models.Llama(cfg, rngs=nnx.Rngs(seed))
-    masks = _random_masks(cfg, seed, keep, empty_layer)
+    masks = disp_masks.random_masks(cfg, seed, keep, empty_layer)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     c = _dims.compact(cfg, params, masks)
     ids = jnp.asarray(np.random.default_rng(seed).integers(0, cfg.vocab_size, (2, 11)), jnp.int32)
@@ -78,7 +49,7 @@ def test_compact_matches_reference(seed, keep, empty_layer, jit):
     want = model(ids, att, masks=masks)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
     dims = _density.layer_dims(cfg)
-    assert _dims.projection_param_count(c) == _reference_kept(masks, dims)
+    assert _dims.projection_param_count(c) == disp_masks.reference_kept(masks, dims)
 
 
 def test_compact_rejects_unmerged_lora():
@@ -101,7 +72,8 @@ def _reference_projection(logits, dims, target, bias):
         parts = np.split(keep, np.cumsum([x.size for x in leaves])[:-1])
         return jax.tree.unflatten(treedef, [p.reshape(x.shape) for p, x in zip(parts, leaves)])
 
-    best = max(k for k in range(flat.size + 1) if _reference_kept(masks_of(k), dims) <= budget)
+    best = max(k for k in range(flat.size + 1)
+               if disp_masks.reference_kept(masks_of(k), dims) <= budget)
     return masks_of(best), masks_of(min(best + 1, flat.size))
 
 
@@ -132,9 +104,9 @@ def test_project_masks_exact_budget(target):
     masks = _atp_train.project_masks(logits, dims, target_density=target, bias=0.0)
     _, nxt = _reference_projection(logits, dims, target, 0.0)
     prunable = _density.prunable_params(dims)
-    kept = _reference_kept(masks, dims)
+    kept = disp_masks.reference_kept(masks, dims)
     assert int(_density.kept_count(masks, dims)) == kept
-    assert kept <= target * prunable < _reference_kept(nxt, dims)
+    assert kept <= target * prunable < disp_masks.reference_kept(nxt, dims)
     # The largest single-unit cost in this model bounds the gap (q+k columns of a GQA group).
     d = dims[0]
     max_unit = d.hidden * (d.q_per_kv + 2) * d.head_dim + d.hidden
@@ -163,7 +135,7 @@ def test_export_logits_equal_masked(seed, empty_layer):
     got = _dims.compact_forward(compact, ids, config=new_cfg)
     want = model(ids, masks=masks, lora_aware=False)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
-    assert counts['kept'] == counts['kept_by_density'] == _reference_kept(masks, dims)
+    assert counts['kept'] == counts['kept_by_density'] == disp_masks.reference_kept(masks, dims)
     assert counts['prunable'] == _density.prunable_params(dims)
     if empty_layer is None:  # the removed share is the target share, up to one unit
         assert counts['kept'] <= 0.6 * counts['prunable']

@@ -2,6 +2,7 @@
 
 import json
 
+import disp_masks
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,37 +17,10 @@ from jaxprune.surgery import _compact_io, _dims
 PROJ = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 
 
-def _masks(cfg, seed, keep=0.6, empty_layer=None):
-    rng = np.random.default_rng(seed)
-    layers = []
-    for i, d in enumerate(_density.layer_dims(cfg)):
-        m = {k: (rng.random(n) < keep).astype(np.float32) for k, n in d.group_sizes().items()}
-        if i == empty_layer:  # a whole attention block (0 KV groups kept) and FFN pruned
-            m['attn_ctx'][:] = 0
-            m['mlp'][:] = 0
-        layers.append({k: jnp.asarray(v) for k, v in m.items()})
-    return {'layers': tuple(layers)}
-
-
-def _reference_kept(masks, dims):
-    """Plain numpy: count the surviving entries of every projection (no density module)."""
-    total = 0
-    for m, d in zip(masks['layers'], dims, strict=True):
-        m = {k: np.asarray(v) > 0.5 for k, v in m.items()}
-        ctx = m['attn_ctx'].reshape(d.kv_heads, d.q_per_kv, d.head_dim)
-        group = ctx.any(axis=(1, 2))
-        pairs = [(m['attn_in'], np.repeat(group, d.q_per_kv * d.head_dim)),
-                 (m['attn_in'], np.repeat(group, d.head_dim)),
-                 (m['attn_in'], ctx.any(axis=1).reshape(-1)), (m['attn_ctx'], m['attn_out']),
-                 (m['mlp_in'], m['mlp']), (m['mlp_in'], m['mlp']), (m['mlp'], m['mlp_out'])]
-        total += sum(int(np.outer(a, b).sum()) for a, b in pairs)
-    return total
-
-
 def _setup(seed=0, tied=False, empty_layer=None, dtype=jnp.float32):
     cfg = models.LlamaConfig.tiny(tie_word_embeddings=tied, num_layers=3)
     model = models.Llama(cfg, param_dtype=dtype, rngs=nnx.Rngs(seed))
-    masks = _masks(cfg, seed, empty_layer=empty_layer)
+    masks = disp_masks.random_masks(cfg, seed, empty_layer=empty_layer)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return cfg, model, masks, _dims.compact(cfg, params, masks)
 
@@ -57,7 +31,8 @@ def test_save_load_compact_round_trip(tmp_path, seed, tied, empty_layer):
     ones exactly and the masked model's to atol/rtol 1e-5 (f32: same sums, fewer zero terms)."""
     cfg, model, masks, compact = _setup(seed, tied, empty_layer)
     dims = _density.layer_dims(cfg)
-    counts = {'prunable': _density.prunable_params(dims), 'kept': _reference_kept(masks, dims)}
+    counts = {'prunable': _density.prunable_params(dims),
+              'kept': disp_masks.reference_kept(masks, dims)}
     out = surgery.save_compact(tmp_path / 'pruned', compact, cfg, {'counts': counts, 'run': 'x'})
     assert out == tmp_path / 'pruned'
     got, got_cfg, record = surgery.load_compact(out)
