@@ -219,7 +219,8 @@ def main(argv=None) -> dict:
     rec = run.record
     rows['ATP'] = {'eval': rec['eval_export'], 'kept': rec['params']['kept'],
                    'train_s': rec['control_s'] + rec['freeze_s'], 'tokens': rec['tokens']['lora'],
-                   'generator_tokens': rec['tokens']['generator'], 'atp': rec}
+                   'generator_tokens': rec['tokens']['generator'],
+                   'prior_tokens': rec['tokens'].get('prior', 0), 'atp': rec}
     print(f"ATP ppl {rows['ATP']['eval']['perplexity']:.3f}", file=sys.stderr, flush=True)
     checkpoint_rows()
 
@@ -296,6 +297,7 @@ def main(argv=None) -> dict:
         'budget': {'lora_steps': args.steps, 'batch_size': dcfg.batch_size,
                    'seq_len': dcfg.seq_len, 'lora_tokens_per_method': args.steps * step_tokens,
                    'atp_generator_tokens': rows['ATP']['generator_tokens'],
+                   'atp_prior_tokens': rows['ATP']['prior_tokens'],
                    'two_stage_calibration_tokens': rows['two-stage']['calibration_tokens'],
                    'eval_tokens': rows['ATP']['eval']['count'],
                    'target_density_kept': args.density, 'prunable_params': prunable},

@@ -227,6 +227,119 @@ def atp_export_masks(gen_params: Any, *, bias: float = _gumbel.DEFAULT_BIAS) -> 
     return _gumbel.deterministic_masks(_atp_generator.generator_apply(gen_params), bias=bias)
 
 
+def taylor_prior(
+    trainable: Any,
+    frozen: Any,
+    batches: Sequence[Any],
+    *,
+    loss_fn: LossFn,
+    dims: Sequence[_density.LayerDims],
+    groups: Sequence[_atp_generator.MaskGroup],
+    target_density: float,
+    sharpness: float = 2.0,
+    cap: float = 6.0,
+) -> Any:
+    r"""Keep logits from a one-shot first-order Taylor score of every DISP unit (outside jit).
+
+    With all masks at one and the LLM in evaluation semantics (``lora_aware=False``), the
+    importance of unit :math:`u` is the first-order loss change of removing it, summed over the
+    calibration batches, per parameter it carries:
+
+    .. math::
+        I_u = \Big|\sum_b \frac{\partial L_b}{\partial m_u}\Big|, \qquad
+        d_u = \frac{I_u}{n_u}, \qquad
+        \ell_u = \mathrm{clip}\big(s\,(\log d_u - \log \theta),\; -c,\; c\big)
+
+    where :math:`n_u` is the unit's marginal parameter count (``MaskGroup.params_per_unit``) and
+    :math:`\theta` sits halfway (in log space) between the last unit kept and the first unit
+    dropped by :func:`jaxprune.methods._atp_train.project_masks` ranking by :math:`d_u` at the
+    exact ``target_density`` budget. So ``project_masks(prior)`` is that one-shot cut, and the
+    Gumbel-sigmoid keep probability :math:`\sigma(\ell_u)` is near 1 for units far above the
+    cut, near 0 far below it and 1/2 at the cut.
+
+    Args:
+      trainable, frozen: the LLM split as for ``loss_fn``.
+      batches: calibration batches (held-out domain data).
+      loss_fn: as in :func:`generator_step`; called with ``lora_aware=False``.
+      dims: per-layer dims.
+      groups: the generator's mask groups (``_atp_generator.mask_groups(config)``), for
+        :math:`n_u` and the layout.
+      target_density: fraction of prunable parameters kept, in ``(0, 1]``.
+      sharpness: :math:`s` (logit per e-fold of score density).
+      cap: :math:`c`, the largest absolute logit.
+
+    Returns:
+      logits ``{'layers': ({group: f32[size]}, ...)}`` in the masks layout; the keep logit
+      *including* the sampling bias (see :func:`warm_start_generator`).
+
+    Raises:
+      ValueError: no batches, or ``target_density`` outside ``(0, 1]``.
+    """
+    from jaxprune.methods import _atp_train  # the budget projection lives with the driver
+
+    if not batches:
+        raise ValueError('taylor_prior needs at least one calibration batch (prune.prior_batches)')
+    num_layers = len(dims)
+    layout = [{} for _ in range(num_layers)]
+    cost = [{} for _ in range(num_layers)]
+    for g in groups:
+        layout[g.layer][g.name] = jnp.ones((g.size,), jnp.float32)
+        cost[g.layer][g.name] = g.params_per_unit
+    ones = {'layers': tuple(layout)}
+
+    grad = jax.jit(jax.grad(lambda m, b: loss_fn(trainable, frozen, m, b, lora_aware=False)))
+    total = None
+    for b in batches:
+        g = grad(ones, jax.tree.map(jnp.asarray, b))
+        total = g if total is None else jax.tree.map(jnp.add, total, g)
+    log_density = {'layers': tuple(
+        {n: np.log(np.abs(np.asarray(v, np.float64)) / cost[layer][n] + 1e-30)
+         for n, v in lm.items()}
+        for layer, lm in enumerate(total['layers']))}
+    keep = _atp_train.project_masks(log_density, dims, target_density=target_density, bias=0.0)
+    flat_ld = np.concatenate([x.ravel() for x in jax.tree.leaves(log_density)])
+    flat_keep = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(keep)]) > 0.5
+    if flat_keep.all():
+        theta = flat_ld.min() - cap / sharpness
+    elif not flat_keep.any():
+        theta = flat_ld.max() + cap / sharpness
+    else:
+        theta = 0.5 * (flat_ld[flat_keep].min() + flat_ld[~flat_keep].max())
+    return jax.tree.map(
+        lambda x: jnp.asarray(np.clip(sharpness * (x - theta), -cap, cap), jnp.float32),
+        log_density)
+
+
+def warm_start_generator(gen_params: Any, prior: Any, *, bias: float = _gumbel.DEFAULT_BIAS
+                         ) -> Any:
+    """Shift the generator's head biases so that ``generator_apply(params) + bias == prior``.
+
+    The encoder, embeddings and head kernels are untouched (they keep learning from the
+    generator loss); only the per-unit head biases absorb the prior, so at step 0 the sampled
+    masks follow the prior (e.g. :func:`taylor_prior`) instead of ATP's uniform keep rate.
+
+    Args:
+      gen_params: generator parameters (``_atp_generator.generator_init``).
+      prior: keep logits including the sampling bias, in the masks layout.
+      bias: the Gumbel-sigmoid bias the run samples with.
+
+    Returns:
+      new generator parameters.
+
+    References:
+      Deviation from Lu et al., 2024 (ATP), arXiv:2412.14426, whose generator starts from a
+      uniform keep prior: here the initial decision is a one-shot Taylor score (cf. AST's "good
+      initial mask", and LLM-Pruner's first-order importance).
+    """
+    logits = _atp_generator.generator_apply(gen_params)
+    heads = tuple(
+        {name: {**head, 'bias': head['bias'] + prior['layers'][layer][name] - bias
+                - logits['layers'][layer][name]}
+         for name, head in layer_heads.items()}
+        for layer, layer_heads in enumerate(gen_params['heads']))
+    return {**gen_params, 'heads': heads}
+
+
 def atp_surgery_plan(
     masks: Any, dims: Sequence[_density.LayerDims]
 ) -> tuple[dict[str, np.ndarray], ...]:

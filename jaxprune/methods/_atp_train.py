@@ -79,6 +79,12 @@ class AtpCfg(config_lib.PruneCfg):
       holdout_fraction: share of the training documents held out for the generator steps
         (at least one document); LoRA never sees them.
       gen_batch_size: generator batch size (0 = ``data.batch_size``).
+      prior_batches: warm-start the generator from a one-shot Taylor score on this many
+        held-out batches (:func:`jaxprune.methods._atp.taylor_prior`): its head biases are set
+        so the initial keep logits rank units by first-order importance per parameter, cut at
+        the budget. ``0`` (default) is ATP's uninformed start (keep rate ``sigmoid(bias)`` for
+        every unit). A deliberate deviation when > 0; see ``warm_start_generator``.
+      prior_sharpness: logit per e-fold of the prior's score density (the prior's confidence).
     """
 
     target_density: float = 0.6
@@ -95,6 +101,8 @@ class AtpCfg(config_lib.PruneCfg):
     lasso_max: float = 100.0
     holdout_fraction: float = 0.1
     gen_batch_size: int = 0
+    prior_batches: int = 0
+    prior_sharpness: float = 2.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -105,6 +113,7 @@ class AtpCfg(config_lib.PruneCfg):
             'lasso_growth': self.lasso_growth >= 1, 'lasso_every': self.lasso_every >= 1,
             'lasso_max': self.lasso_max >= self.lasso_init,
             'gen_batch_size': self.gen_batch_size >= 0,
+            'prior_batches': self.prior_batches >= 0, 'prior_sharpness': self.prior_sharpness > 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -484,6 +493,20 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
         raise
     log = train.MetricsLogger(run_dir, total_steps=tcfg.steps, start_step=start,
                               progress=progress)
+    if not start and pcfg.prior_batches:  # a resumed run restored its generator
+        t0 = time.perf_counter()
+        calib = data.lm_batches(gen_split, tokenizer, batch_size=gen_bs, seq_len=dcfg.seq_len,
+                                seed=dcfg.seed + 2)
+        prior = _atp.taylor_prior(
+            trainable, frozen, [next(calib) for _ in range(pcfg.prior_batches)],
+            loss_fn=loss_fn, dims=dims, groups=_atp_generator.mask_groups(arch),
+            target_density=pcfg.target_density, sharpness=pcfg.prior_sharpness)
+        gen_params = _atp.warm_start_generator(gen_params, prior, bias=pcfg.bias)
+        tokens['prior'] = pcfg.prior_batches * gen_bs * dcfg.seq_len
+        timing['prior_s'] = time.perf_counter() - t0
+        log.log('prior', 0, batches=pcfg.prior_batches, seconds=timing['prior_s'],
+                density=_kept(_gumbel.deterministic_masks(prior, bias=0.0), dims)
+                / _density.prunable_params(dims))
     if start:
         log.log('resume', start, data_position=positions['lora'],
                 generator_data_position=positions['generator'], frozen=masks is not None)

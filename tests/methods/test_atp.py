@@ -2,6 +2,7 @@
 
 import functools
 
+import disp_masks
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,6 +75,83 @@ def test_generator_step_rejects_bad_target():
         _atp.generator_step(gen, opt, {'w': jnp.zeros(3)}, _importance(dims), None,
                             jax.random.key(0), loss_fn=_toy_loss, tx=tx, dims=dims,
                             target_density=1.5)
+
+
+def _reference_prior(importance, dims, groups, target, batches, sharpness, cap):
+    """numpy: |sum_b dL/dm| of the toy loss, per parameter, cut by a linear scan of prefixes."""
+    cost = {(g.layer, g.name): g.params_per_unit for g in groups}
+    names = [(layer, n) for layer, lm in enumerate(importance['layers']) for n in sorted(lm)]
+    w = [np.asarray(importance['layers'][layer][n], np.float64) for layer, n in names]
+    ld = [np.log(batches * x / x.sum() / cost[k] + 1e-30) for x, k in zip(w, names)]
+    flat = np.concatenate(ld)
+    order = np.argsort(-flat, kind='stable')
+    budget = target * _density.prunable_params(dims)
+
+    def masks_of(k):
+        keep = np.zeros(flat.size, np.float32)
+        keep[order[:k]] = 1
+        parts = np.split(keep, np.cumsum([x.size for x in ld])[:-1])
+        layers = [{} for _ in dims]
+        for (layer, n), part in zip(names, parts):
+            layers[layer][n] = part
+        return {'layers': tuple(layers)}
+
+    best = max(k for k in range(flat.size + 1)
+               if disp_masks.reference_kept(masks_of(k), dims) <= budget)
+    kept, dropped = flat[order[:best]], flat[order[best:]]
+    theta = 0.5 * (kept.min() + dropped.max())
+    return [np.clip(sharpness * (x - theta), -cap, cap) for x in ld], masks_of(best)
+
+
+@pytest.mark.parametrize('target,sharpness', [(0.5, 2.0), (0.75, 0.5)])
+def test_taylor_prior_matches_reference(target, sharpness):
+    """The prior on the toy loss (dL/dm_u = -w_u / sum w, exactly) equals a numpy reference with
+    a brute-force budget cut (rtol 1e-5); its positive logits are exactly that cut."""
+    dims = _density.layer_dims(TOY)
+    groups = _atp_generator.mask_groups(TOY)
+    frozen = _importance(dims, seed=3)
+    got = _atp.taylor_prior({'w': jnp.zeros(3)}, frozen, [None] * 3, loss_fn=_toy_loss,
+                            dims=dims, groups=groups, target_density=target, sharpness=sharpness,
+                            cap=6.0)
+    want, cut = _reference_prior(frozen, dims, groups, target, 3, sharpness, 6.0)
+    for g, w in zip(jax.tree.leaves(got), want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-5)
+    for g, c in zip(jax.tree.leaves(got), jax.tree.leaves(cut), strict=True):
+        np.testing.assert_array_equal(np.asarray(g) > 0, np.asarray(c) > 0.5)
+    assert disp_masks.reference_kept(cut, dims) <= target * _density.prunable_params(dims)
+    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(got)) <= 6.0
+
+
+def test_taylor_prior_rejects_no_batches():
+    dims = _density.layer_dims(TOY)
+    with pytest.raises(ValueError, match='prior_batches'):
+        _atp.taylor_prior({}, {}, [], loss_fn=_toy_loss, dims=dims,
+                          groups=_atp_generator.mask_groups(TOY), target_density=0.5)
+
+
+def test_warm_start_generator_reproduces_the_prior():
+    """After the warm start, generator logits + bias == prior (atol 1e-5); only head biases
+    change; the exact-budget projection of the generator is the prior's cut."""
+    from jaxprune.methods import _atp_train
+
+    dims, gen, _, _ = _gen_setup(TOY)
+    groups = _atp_generator.mask_groups(TOY)
+    prior = _atp.taylor_prior({'w': jnp.zeros(3)}, _importance(dims, 5), [None],
+                              loss_fn=_toy_loss, dims=dims, groups=groups, target_density=0.6)
+    warm = _atp.warm_start_generator(gen, prior, bias=3.0)
+    logits = _atp_generator.generator_apply(warm)
+    for g, p in zip(jax.tree.leaves(logits), jax.tree.leaves(prior), strict=True):
+        np.testing.assert_allclose(np.asarray(g) + 3.0, np.asarray(p), atol=1e-5)
+    same = {k: v for k, v in warm.items() if k != 'heads'}
+    for a, b in zip(jax.tree.leaves(same), jax.tree.leaves({k: gen[k] for k in same}),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for hw, hg in zip(warm['heads'], gen['heads'], strict=True):
+        for n in hw:
+            np.testing.assert_array_equal(np.asarray(hw[n]['kernel']), np.asarray(hg[n]['kernel']))
+    projected = _atp_train.project_masks(logits, dims, target_density=0.6, bias=3.0)
+    for m, p in zip(jax.tree.leaves(projected), jax.tree.leaves(prior), strict=True):
+        np.testing.assert_array_equal(np.asarray(m) > 0.5, np.asarray(p) > 0)
 
 
 def test_llm_step_passes_masks_to_group_lasso():
