@@ -207,6 +207,25 @@ def _restore(s: Setup, ckpts, *, quarantine: bool = True) -> tuple[int, dict[str
     return step, meta
 
 
+def _adopt(s: Setup, ls: _method.LoopState) -> bool:
+    """Takes a method's ``on_step_end`` result into ``s``; True when the shapes changed.
+
+    After surgery (a new graphdef) the smaller state is laid out again by the sharding rules on
+    the run's mesh, as a fresh run at those shapes would be (a dim that no longer divides its
+    mesh axis is replicated), instead of keeping whatever layout the gathers produced.
+    """
+    from jaxprune import sharding
+
+    if ls.graphdef is s.graphdef:
+        s.state, s.rest = ls.state, ls.rest
+        return False
+    state_sh, rest_sh = _shardings(s.tx, ls.state.trainable, ls.rest, s.mesh)
+    s.state = sharding.shard_like(ls.state, state_sh)
+    s.rest = sharding.shard_like(ls.rest, rest_sh)
+    s.graphdef, s.state_sharding, s.rest_sharding = ls.graphdef, state_sh, rest_sh
+    return True
+
+
 def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
           mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
     """Runs (or resumes) a training run and returns the final eval record.
@@ -272,9 +291,8 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
             w_examples += len(batch['input_ids'])
             done = step + 1
             loop_state = s.method.on_step_end(done, _method.LoopState(s.graphdef, s.state, s.rest))
-            s.state, s.rest = loop_state.state, loop_state.rest
-            if loop_state.graphdef is not graphdef:  # surgery changed shapes: re-jit
-                s.graphdef = graphdef = loop_state.graphdef
+            if _adopt(s, loop_state):  # surgery changed shapes: re-sharded, so re-jit
+                graphdef = s.graphdef
                 step_fn = compile_step()
             if done == start + 1:  # the first step includes compilation; keep it out of rates
                 jax.block_until_ready(m['loss'])

@@ -262,6 +262,30 @@ def test_restore_rebuilds_the_compacted_model_exactly(pruned_ckpt):
     np.testing.assert_allclose(logits(s), logits(live), rtol=1e-6, atol=0)
 
 
+def test_surgery_output_is_resharded_on_the_mesh(tmp_path):
+    """On a data=2 x fsdp=2 x tensor=2 mesh, the compacted state after a pruning step is laid
+    out by the sharding rules (as a fresh run at the new shapes), and a step still runs."""
+    cfg = _cfg(tmp_path, *PRUNED[:-2], 'mesh.data=2', 'mesh.fsdp=2', 'mesh.tensor=2',
+               'prune.check_compaction=false')
+    s = _loop.setup(cfg)
+    assert s.mesh.shape == {'data': 2, 'fsdp': 2, 'tensor': 2}
+    ls = _prune_randomly(s, _method.LoopState(s.graphdef, s.state, s.rest), s.method.steps[0], 0)
+    assert _loop._adopt(s, ls) and s.graphdef is ls.graphdef
+    want_state, want_rest = _loop._shardings(s.tx, s.state.trainable, s.rest, s.mesh)
+    for got, want in ((s.state, want_state), (s.rest, want_rest)):
+        for x, sh in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert x.sharding.is_equivalent_to(sh, x.ndim), (x.shape, x.sharding, sh)
+    sharded = [x for x in jax.tree.leaves(s.rest) if not x.sharding.is_fully_replicated]
+    assert sharded  # the rules really shard something of the pruned backbone
+    jax.tree.map(np.testing.assert_array_equal, s.state, ls.state)  # values untouched
+    step = train.make_train_step(s.graphdef, s.tx, task='classification', method=s.method)
+    batch = s.method._probe()
+    labels = jnp.zeros((batch['input_ids'].shape[0],), jnp.int32)
+    _, m = step(s.state, s.rest, {**batch, 'labels': labels})
+    assert np.isfinite(float(m['loss']))
+    assert not _loop._adopt(s, _method.LoopState(s.graphdef, s.state, s.rest))
+
+
 @pytest.mark.parametrize('override', [
     'prune.num_pruning_steps=3', 'prune.max_rank=32', 'train.steps=16', 'lora.rank=16'])
 def test_restore_with_changed_shape_setting_names_the_field(pruned_ckpt, override):
