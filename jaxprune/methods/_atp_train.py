@@ -402,11 +402,13 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
       an :class:`AtpRun`.
 
     Raises:
-      ValueError: wrong method, task, architecture, or LoRA disabled; checkpoints present with
+      ValueError: wrong method, task, architecture, or LoRA disabled; more than one process
+        (the LLM, LoRA and optimizer state are sharded over ``run_cfg.mesh`` within one
+        process; the generator is replicated); checkpoints present with
         ``checkpoint.resume=false``, or written with another config (all fields but
         ``run_dir``, ``checkpoint.*`` and ``train.log_every``: schedules depend on them).
     """
-    from jaxprune import checkpoint, data, lora, models, surgery, train
+    from jaxprune import checkpoint, data, lora, models, sharding, surgery, train
 
     pcfg, tcfg, dcfg = run_cfg.prune, run_cfg.train, run_cfg.data
     if not isinstance(pcfg, AtpCfg):
@@ -434,19 +436,37 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
     dims = _density.layer_dims(arch)
     graphdef, trainable, frozen = nnx.split(model, lora.trainable_filter(), ...)
     loss_fn = _atp.causal_lm_loss(graphdef)
+    if jax.process_count() > 1:
+        raise ValueError(
+            f'prune.method=atp runs in one process (jax.process_count()={jax.process_count()}); '
+            'its export and evaluation gather on the host. Use one process with a multi-device '
+            'mesh (mesh.data / mesh.fsdp / mesh.tensor), or the generic trainer methods')
+    mesh_shape = run_cfg.mesh.shape(jax.device_count())
+    mesh = sharding.make_mesh(mesh_shape,
+                              devices=jax.devices()[:math.prod(mesh_shape.values())])
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    p_sh = sharding.param_shardings(trainable, mesh)
+    trainable = sharding.shard_like(trainable, p_sh)
+    frozen = sharding.shard_like(frozen, sharding.param_shardings(frozen, mesh))
 
     splits = train.load_splits(dcfg)
     lora_split, gen_split = split_holdout(splits['train'], pcfg.holdout_fraction)
     gen_bs = pcfg.gen_batch_size or dcfg.batch_size
     key = jax.random.key(tcfg.seed)
     key, gkey = jax.random.split(key)
-    gen_params = _atp_generator.generator_init(
+    gen_params = jax.device_put(_atp_generator.generator_init(
         gkey, _atp_generator.mask_groups(arch), width=pcfg.generator_width,
-        num_layers=pcfg.generator_layers)
+        num_layers=pcfg.generator_layers), replicated)  # small: every device holds it
     gen_tx = optax.adamw(pcfg.generator_lr)
     gen_opt = gen_tx.init(gen_params)
     tx = lora_tx(run_cfg, dims)
-    opt_state = tx.init(trainable)
+    opt_state = jax.jit(tx.init, out_shardings=sharding.opt_state_shardings(
+        jax.eval_shape(tx.init, trainable), p_sh))(trainable)
+    lora_sh = sharding.batch_sharding(mesh, batch_size=dcfg.batch_size)
+    gen_sh = sharding.batch_sharding(mesh, batch_size=gen_bs)
+
+    def place(batch, sh):
+        return {k: jax.device_put(np.asarray(v), sh) for k, v in batch.items()}
     sample_kw = {'temperature': pcfg.temperature, 'bias': pcfg.bias}
     gen_step = jax.jit(functools.partial(
         _atp.generator_step, loss_fn=loss_fn, tx=gen_tx, dims=dims,
@@ -530,12 +550,12 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
             masks = freeze()
         for step in range(start, tcfg.steps):
             t0 = time.perf_counter()
-            batch = {k: jnp.asarray(v) for k, v in next(lora_stream).items()}
+            batch = place(next(lora_stream), lora_sh)
             positions['lora'] += 1
             m: dict[str, Any] = {}
             key, k_gen, k_mask = jax.random.split(key, 3)
             if step < control:
-                gb = {k: jnp.asarray(v) for k, v in next(gen_stream).items()}
+                gb = place(next(gen_stream), gen_sh)
                 positions['generator'] += 1
                 gen_params, gen_opt, gm = gen_step(gen_params, gen_opt, trainable, frozen, gb,
                                                    k_gen)

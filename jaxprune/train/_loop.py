@@ -276,7 +276,7 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
     def compile_step():
         return _step.make_train_step(s.graphdef, s.tx, task=task, method=s.method)
 
-    step_fn, graphdef = compile_step(), s.graphdef
+    step_fn = compile_step()
     window: list[dict[str, jax.Array]] = []
     w_tokens = w_examples = 0
     w_start = time.perf_counter()
@@ -292,7 +292,6 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
             done = step + 1
             loop_state = s.method.on_step_end(done, _method.LoopState(s.graphdef, s.state, s.rest))
             if _adopt(s, loop_state):  # surgery changed shapes: re-sharded, so re-jit
-                graphdef = s.graphdef
                 step_fn = compile_step()
             if done == start + 1:  # the first step includes compilation; keep it out of rates
                 jax.block_until_ready(m['loss'])

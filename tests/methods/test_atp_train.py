@@ -202,6 +202,38 @@ def test_train_atp_tiny_end_to_end(tmp_path, prior_batches):
     assert disk['density'] == p['kept'] / p['prunable'] and disk['meta']['method'] == 'atp'
 
 
+def test_train_atp_on_a_mesh_matches_one_device(tmp_path):
+    """The driver on a data=2 x fsdp=2 x tensor=2 mesh: LoRA/frozen params really sharded, and
+    the same losses, exact budget and export perplexity as on one device (rtol 1e-4)."""
+    def run(name, *mesh):
+        cfg = config.load_config(ROOT / 'configs' / 'atp_tiny.yaml', [
+            f'run_dir={tmp_path / name}', 'train.steps=4', 'train.log_every=1',
+            'data.eval_max_examples=8', *mesh])
+        out = _atp_train.run_atp(cfg, progress=False)
+        lines = (tmp_path / name / 'metrics.jsonl').read_text().splitlines()
+        events = [json.loads(x) for x in lines]
+        return out, [e['loss'] for e in events if e['event'] == 'train']
+
+    one, one_losses = run('one', 'mesh.data=1')
+    many, many_losses = run('many', 'mesh.data=2', 'mesh.fsdp=2', 'mesh.tensor=2')
+    lora_leaves = jax.tree.leaves(nnx.state(many.model, nnx.LoRAParam))
+    assert any(not x.sharding.is_fully_replicated for x in lora_leaves)
+    frozen = jax.tree.leaves(nnx.state(many.model, nnx.Param))
+    assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
+               for x in frozen)
+    np.testing.assert_allclose(many_losses, one_losses, rtol=1e-4)
+    assert many.record['params'] == one.record['params']
+    np.testing.assert_allclose(many.record['eval_export']['perplexity'],
+                               one.record['eval_export']['perplexity'], rtol=1e-4)
+
+
+def test_train_atp_refuses_several_processes(monkeypatch, tmp_path):
+    monkeypatch.setattr(jax, 'process_count', lambda: 2)
+    cfg = config.load_config(ROOT / 'configs' / 'atp_tiny.yaml', [f'run_dir={tmp_path}'])
+    with pytest.raises(ValueError, match='one process'):
+        _atp_train.run_atp(cfg, progress=False)
+
+
 @pytest.mark.slow
 def test_export_smollm2_equals_masked():
     """SmolLM2-135M with projected random-generator masks: exported == masked (atol 1e-4)."""
