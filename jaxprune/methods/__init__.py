@@ -43,6 +43,8 @@ from jaxprune.methods._atp import generator_loss as generator_loss
 from jaxprune.methods._atp import generator_step as generator_step
 from jaxprune.methods._atp import llm_step as llm_step
 from jaxprune.methods._atp import sample_step_masks as sample_step_masks
+from jaxprune.methods._atp import taylor_prior as taylor_prior
+from jaxprune.methods._atp import warm_start_generator as warm_start_generator
 from jaxprune.methods._apt_train import AptCfg as AptCfg
 from jaxprune.methods._apt_train import AptMethod as AptMethod
 from jaxprune.methods._apt_train import AptTrainState as AptTrainState
