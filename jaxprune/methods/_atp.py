@@ -227,6 +227,45 @@ def atp_export_masks(gen_params: Any, *, bias: float = _gumbel.DEFAULT_BIAS) -> 
     return _gumbel.deterministic_masks(_atp_generator.generator_apply(gen_params), bias=bias)
 
 
+def unit_weight_scores(params: Any, grads: Any, dims: Sequence[_density.LayerDims]) -> Any:
+    r"""Element-wise first-order Taylor scores :math:`\sum |W \odot G|` per DISP unit.
+
+    Every unit sums :math:`|W_{kn} G_{kn}|` over the weights it removes on its own (the same
+    slices as ``MaskGroup.params_per_unit``): ``attn_in`` rows of q/k/v, ``attn_ctx`` a row of
+    o plus its value column shared by the ``q_per_kv`` query heads of its KV group (amortised
+    1/q_per_kv), ``attn_out`` a column of o, ``mlp_in`` rows of gate/up, ``mlp`` a column of
+    gate/up and a row of down, ``mlp_out`` a column of down.
+
+    Args:
+      params: pure-dict params with ``['layers'][l]['attn'|'mlp'][proj]['kernel']`` ``(K, N)``.
+      grads: the same structure (e.g. summed over calibration batches).
+      dims: per-layer dims.
+
+    Returns:
+      ``{'layers': ({group: f32[size]}, ...)}`` in the masks layout (numpy float64 leaves).
+    """
+    out = []
+    for layer, d in enumerate(dims):
+        def s(block, proj, layer=layer):
+            w = np.asarray(params['layers'][layer][block][proj]['kernel'], np.float64)
+            g = np.asarray(grads['layers'][layer][block][proj]['kernel'], np.float64)
+            return np.abs(w * g)
+
+        q, k, v, o = (s('attn', p) for p in ('q_proj', 'k_proj', 'v_proj', 'o_proj'))
+        gate, up, down = (s('mlp', p) for p in ('gate_proj', 'up_proj', 'down_proj'))
+        v_share = v.sum(0).reshape(d.kv_heads, 1, d.head_dim) / d.q_per_kv
+        v_share = np.broadcast_to(v_share, (d.kv_heads, d.q_per_kv, d.head_dim)).reshape(-1)
+        out.append({
+            'attn_in': q.sum(1) + k.sum(1) + v.sum(1),
+            'attn_ctx': o.sum(1) + v_share,
+            'attn_out': o.sum(0),
+            'mlp_in': gate.sum(1) + up.sum(1),
+            'mlp': gate.sum(0) + up.sum(0) + down.sum(1),
+            'mlp_out': down.sum(0),
+        })
+    return {'layers': tuple(out)}
+
+
 def taylor_prior(
     trainable: Any,
     frozen: Any,
@@ -236,17 +275,24 @@ def taylor_prior(
     dims: Sequence[_density.LayerDims],
     groups: Sequence[_atp_generator.MaskGroup],
     target_density: float,
+    criterion: str = 'weight',
     sharpness: float = 2.0,
     cap: float = 6.0,
 ) -> Any:
     r"""Keep logits from a one-shot first-order Taylor score of every DISP unit (outside jit).
 
-    With all masks at one and the LLM in evaluation semantics (``lora_aware=False``), the
-    importance of unit :math:`u` is the first-order loss change of removing it, summed over the
-    calibration batches, per parameter it carries:
+    The LLM runs in evaluation semantics (``lora_aware=False``, all masks one). The importance
+    :math:`I_u` of unit :math:`u`, from the gradients summed over the calibration batches, is
+
+    * ``criterion='weight'`` (LLM-Pruner's element-wise first-order score):
+      :math:`I_u = \sum_{w \in u} |w \cdot \sum_b \partial L_b / \partial w|` over the frozen
+      kernel weights the unit removes (:func:`unit_weight_scores`);
+    * ``criterion='mask'``: :math:`I_u = |\sum_b \partial L_b / \partial m_u|`, the first-order
+      loss change of zeroing the unit's mask (cheaper, but signed terms cancel).
+
+    Then, per parameter and relative to the budget cut,
 
     .. math::
-        I_u = \Big|\sum_b \frac{\partial L_b}{\partial m_u}\Big|, \qquad
         d_u = \frac{I_u}{n_u}, \qquad
         \ell_u = \mathrm{clip}\big(s\,(\log d_u - \log \theta),\; -c,\; c\big)
 
@@ -258,13 +304,15 @@ def taylor_prior(
     cut, near 0 far below it and 1/2 at the cut.
 
     Args:
-      trainable, frozen: the LLM split as for ``loss_fn``.
+      trainable, frozen: the LLM split as for ``loss_fn`` (for ``'weight'``, ``frozen`` holds
+        the projection kernels, as with LoRA; adapters are assumed not yet trained).
       batches: calibration batches (held-out domain data).
       loss_fn: as in :func:`generator_step`; called with ``lora_aware=False``.
       dims: per-layer dims.
       groups: the generator's mask groups (``_atp_generator.mask_groups(config)``), for
         :math:`n_u` and the layout.
       target_density: fraction of prunable parameters kept, in ``(0, 1]``.
+      criterion: ``'weight'`` or ``'mask'``.
       sharpness: :math:`s` (logit per e-fold of score density).
       cap: :math:`c`, the largest absolute logit.
 
@@ -273,12 +321,16 @@ def taylor_prior(
       *including* the sampling bias (see :func:`warm_start_generator`).
 
     Raises:
-      ValueError: no batches, or ``target_density`` outside ``(0, 1]``.
+      ValueError: no batches, an unknown criterion, or ``target_density`` outside ``(0, 1]``.
     """
+    from flax import nnx
+
     from jaxprune.methods import _atp_train  # the budget projection lives with the driver
 
     if not batches:
         raise ValueError('taylor_prior needs at least one calibration batch (prune.prior_batches)')
+    if criterion not in ('weight', 'mask'):
+        raise ValueError(f"{criterion=} must be 'weight' or 'mask' (prune.prior_criterion)")
     num_layers = len(dims)
     layout = [{} for _ in range(num_layers)]
     cost = [{} for _ in range(num_layers)]
@@ -287,15 +339,27 @@ def taylor_prior(
         cost[g.layer][g.name] = g.params_per_unit
     ones = {'layers': tuple(layout)}
 
-    grad = jax.jit(jax.grad(lambda m, b: loss_fn(trainable, frozen, m, b, lora_aware=False)))
+    if criterion == 'mask':
+        grad = jax.jit(jax.grad(lambda m, b: loss_fn(trainable, frozen, m, b, lora_aware=False)))
+        arg = ones
+    else:
+        grad = jax.jit(jax.grad(lambda f, b: loss_fn(trainable, f, ones, b, lora_aware=False)))
+        arg = frozen
     total = None
     for b in batches:
-        g = grad(ones, jax.tree.map(jnp.asarray, b))
+        g = grad(arg, jax.tree.map(jnp.asarray, b))
         total = g if total is None else jax.tree.map(jnp.add, total, g)
+    if criterion == 'mask':
+        importance = jax.tree.map(lambda x: np.abs(np.asarray(x, np.float64)), total)
+    else:
+        def pure(x):
+            return nnx.to_pure_dict(x) if isinstance(x, nnx.State) else x
+
+        importance = unit_weight_scores(pure(frozen), pure(total), dims)
     log_density = {'layers': tuple(
-        {n: np.log(np.abs(np.asarray(v, np.float64)) / cost[layer][n] + 1e-30)
-         for n, v in lm.items()}
-        for layer, lm in enumerate(total['layers']))}
+        {n: np.log(np.asarray(importance['layers'][layer][n], np.float64) / cost[layer][n]
+                   + 1e-30) for n in lm}
+        for layer, lm in enumerate(layout))}
     keep = _atp_train.project_masks(log_density, dims, target_density=target_density, bias=0.0)
     flat_ld = np.concatenate([x.ravel() for x in jax.tree.leaves(log_density)])
     flat_keep = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(keep)]) > 0.5

@@ -84,6 +84,8 @@ class AtpCfg(config_lib.PruneCfg):
         so the initial keep logits rank units by first-order importance per parameter, cut at
         the budget. ``0`` (default) is ATP's uninformed start (keep rate ``sigmoid(bias)`` for
         every unit). A deliberate deviation when > 0; see ``warm_start_generator``.
+      prior_criterion: ``'weight'`` (element-wise ``sum |W * dL/dW|`` per unit, LLM-Pruner
+        style) or ``'mask'`` (``|dL/dm|``); see ``taylor_prior``.
       prior_sharpness: logit per e-fold of the prior's score density (the prior's confidence).
     """
 
@@ -102,6 +104,7 @@ class AtpCfg(config_lib.PruneCfg):
     holdout_fraction: float = 0.1
     gen_batch_size: int = 0
     prior_batches: int = 0
+    prior_criterion: str = 'weight'
     prior_sharpness: float = 2.0
 
     def __post_init__(self):
@@ -121,6 +124,9 @@ class AtpCfg(config_lib.PruneCfg):
                                  'AtpCfg (e.g. reg_weight>=0, temperature>0, lasso_growth>=1)')
         if not 0 <= self.control_fraction <= 1:
             raise ValueError(f'prune.control_fraction={self.control_fraction} must be in [0, 1]')
+        if self.prior_criterion not in ('weight', 'mask'):
+            raise ValueError(f'prune.prior_criterion={self.prior_criterion!r} must be '
+                             "'weight' or 'mask'")
         if not 0 < self.holdout_fraction < 1:
             raise ValueError(f'prune.holdout_fraction={self.holdout_fraction} must be in (0, 1)')
 
@@ -520,7 +526,8 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
         prior = _atp.taylor_prior(
             trainable, frozen, [next(calib) for _ in range(pcfg.prior_batches)],
             loss_fn=loss_fn, dims=dims, groups=_atp_generator.mask_groups(arch),
-            target_density=pcfg.target_density, sharpness=pcfg.prior_sharpness)
+            target_density=pcfg.target_density, criterion=pcfg.prior_criterion,
+            sharpness=pcfg.prior_sharpness)
         gen_params = _atp.warm_start_generator(gen_params, prior, bias=pcfg.bias)
         tokens['prior'] = pcfg.prior_batches * gen_bs * dcfg.seq_len
         timing['prior_s'] = time.perf_counter() - t0

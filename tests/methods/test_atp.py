@@ -111,7 +111,8 @@ def test_taylor_prior_matches_reference(target, sharpness):
     groups = _atp_generator.mask_groups(TOY)
     frozen = _importance(dims, seed=3)
     got = _atp.taylor_prior({'w': jnp.zeros(3)}, frozen, [None] * 3, loss_fn=_toy_loss,
-                            dims=dims, groups=groups, target_density=target, sharpness=sharpness,
+                            dims=dims, groups=groups, target_density=target, criterion='mask',
+                            sharpness=sharpness,
                             cap=6.0)
     want, cut = _reference_prior(frozen, dims, groups, target, 3, sharpness, 6.0)
     for g, w in zip(jax.tree.leaves(got), want, strict=True):
@@ -120,6 +121,56 @@ def test_taylor_prior_matches_reference(target, sharpness):
         np.testing.assert_array_equal(np.asarray(g) > 0, np.asarray(c) > 0.5)
     assert disp_masks.reference_kept(cut, dims) <= target * _density.prunable_params(dims)
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(got)) <= 6.0
+
+
+def _random_llama_params(cfg, seed):
+    rng = np.random.default_rng(seed)
+    layers = {}
+    for layer, d in enumerate(_density.layer_dims(cfg)):
+        shapes = d.kernel_shapes()
+        layers[layer] = {
+            block: {p: {'kernel': rng.normal(size=shapes[p])} for p in projs}
+            for block, projs in (('attn', ('q_proj', 'k_proj', 'v_proj', 'o_proj')),
+                                 ('mlp', ('gate_proj', 'up_proj', 'down_proj')))}
+    return {'layers': layers}
+
+
+@pytest.mark.parametrize('kv_heads', [4, 2])
+def test_unit_weight_scores_match_brute_force(kv_heads):
+    """Each unit's score = sum |W G| over the weights that zeroing that unit alone removes
+    (``linear_keep``), brute force per unit; under GQA a value column is shared by q_per_kv
+    context channels, so there it is amortised and the scores still add up to sum |W G|."""
+    from jaxprune import models
+
+    cfg = models.LlamaConfig.tiny(num_kv_heads=kv_heads)
+    dims = _density.layer_dims(cfg)
+    w, g = _random_llama_params(cfg, 0), _random_llama_params(cfg, 1)
+    got = _atp.unit_weight_scores(w, g, dims)
+    block = {'q_proj': 'attn', 'k_proj': 'attn', 'v_proj': 'attn', 'o_proj': 'attn',
+             'gate_proj': 'mlp', 'up_proj': 'mlp', 'down_proj': 'mlp'}
+    for layer, d in enumerate(dims):
+        score = {p: np.abs(w['layers'][layer][b][p]['kernel'] * g['layers'][layer][b][p]['kernel'])
+                 for p, b in block.items()}
+        for name, size in d.group_sizes().items():
+            assert got['layers'][layer][name].shape == (size,)
+            if name == 'attn_ctx' and d.q_per_kv > 1:
+                continue  # a single context channel does not remove a shared value column
+            for u in range(size):
+                m = np.ones(size, np.float32)
+                m[u] = 0
+                keep = _density.linear_keep({name: jnp.asarray(m)}, d)
+                removed = sum(
+                    (x * (1 - np.outer(np.asarray(keep[p][0]), np.asarray(keep[p][1])))).sum()
+                    for p, x in score.items())
+                np.testing.assert_allclose(got['layers'][layer][name][u], removed, rtol=1e-10)
+        total = {n: v.sum() for n, v in got['layers'][layer].items()}
+        t = {p: x.sum() for p, x in score.items()}
+        want = {'attn_in': t['q_proj'] + t['k_proj'] + t['v_proj'],
+                'attn_ctx': t['o_proj'] + t['v_proj'], 'attn_out': t['o_proj'],
+                'mlp_in': t['gate_proj'] + t['up_proj'],
+                'mlp': t['gate_proj'] + t['up_proj'] + t['down_proj'], 'mlp_out': t['down_proj']}
+        for n in want:
+            np.testing.assert_allclose(total[n], want[n], rtol=1e-10)
 
 
 def test_taylor_prior_rejects_no_batches():
@@ -137,7 +188,8 @@ def test_warm_start_generator_reproduces_the_prior():
     dims, gen, _, _ = _gen_setup(TOY)
     groups = _atp_generator.mask_groups(TOY)
     prior = _atp.taylor_prior({'w': jnp.zeros(3)}, _importance(dims, 5), [None],
-                              loss_fn=_toy_loss, dims=dims, groups=groups, target_density=0.6)
+                              loss_fn=_toy_loss, dims=dims, groups=groups, target_density=0.6,
+                              criterion='mask')
     warm = _atp.warm_start_generator(gen, prior, bias=3.0)
     logits = _atp_generator.generator_apply(warm)
     for g, p in zip(jax.tree.leaves(logits), jax.tree.leaves(prior), strict=True):

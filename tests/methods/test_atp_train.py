@@ -152,14 +152,16 @@ def test_atp_config_and_trainer_dispatch():
         config.load_config(ROOT / 'configs' / 'atp_tiny.yaml', ['prune.control_fraction=1.5'])
     with pytest.raises(ValueError, match='target_density'):
         config.load_config(ROOT / 'configs' / 'atp_tiny.yaml', ['prune.target_density=0'])
+    with pytest.raises(ValueError, match='prior_criterion'):
+        config.load_config(ROOT / 'configs' / 'atp_tiny.yaml', ['prune.prior_criterion=hessian'])
     from jaxprune import train
 
     with pytest.raises(ValueError, match='train_atp'):
         train.build_method(cfg.prune, run_cfg=cfg)
 
 
-@pytest.mark.parametrize('prior_batches', [0, 2])
-def test_train_atp_tiny_end_to_end(tmp_path, prior_batches):
+@pytest.mark.parametrize('prior_batches,criterion', [(0, 'weight'), (2, 'weight'), (2, 'mask')])
+def test_train_atp_tiny_end_to_end(tmp_path, prior_batches, criterion):
     """The driver on the tiny Llama: exact budget, export == masked, lasso zeroes pruned LoRA.
 
     A strong lasso (eta * lr ~ 3 per step) zeroes every pruned LoRA group after the freeze, so
@@ -170,7 +172,7 @@ def test_train_atp_tiny_end_to_end(tmp_path, prior_batches):
     cfg = config.load_config(ROOT / 'configs' / 'atp_tiny.yaml', [
         f'run_dir={tmp_path}', 'train.steps=6', 'train.log_every=3', 'prune.lasso_init=1000',
         'prune.lasso_max=1000', 'data.eval_max_examples=20',
-        f'prune.prior_batches={prior_batches}'])
+        f'prune.prior_batches={prior_batches}', f'prune.prior_criterion={criterion}'])
     run = _atp_train.run_atp(cfg, progress=False)
     rec = run.record
     assert rec['control_steps'] == 3
