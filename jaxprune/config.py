@@ -330,8 +330,18 @@ class RunCfg:
                                           / 'checkpoints')
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain nested dict (YAML/JSON safe) that ``from_dict`` turns back into this config."""
-        return dataclasses.asdict(self)
+        """A plain nested dict (YAML/JSON safe) that ``from_dict`` turns back into this config.
+
+        Tuple fields become lists (YAML's safe dumper has no tuples).
+        """
+        def plain(x):
+            if isinstance(x, dict):
+                return {k: plain(v) for k, v in x.items()}
+            if isinstance(x, list | tuple):
+                return [plain(v) for v in x]
+            return x
+
+        return plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RunCfg:

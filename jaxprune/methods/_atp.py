@@ -276,7 +276,8 @@ def taylor_prior(
     groups: Sequence[_atp_generator.MaskGroup],
     target_density: float,
     criterion: str = 'weight',
-    sharpness: float = 2.0,
+    cut_groups: Sequence[str] | None = None,
+    sharpness: float = 10.0,
     cap: float = 6.0,
 ) -> Any:
     r"""Keep logits from a one-shot first-order Taylor score of every DISP unit (outside jit).
@@ -296,7 +297,8 @@ def taylor_prior(
         d_u = \frac{I_u}{n_u}, \qquad
         \ell_u = \mathrm{clip}\big(s\,(\log d_u - \log \theta),\; -c,\; c\big)
 
-    where :math:`n_u` is the unit's marginal parameter count (``MaskGroup.params_per_unit``) and
+    where :math:`n_u` is the unit's marginal parameter count (``MaskGroup.params_per_unit``),
+    units of groups outside ``cut_groups`` count as infinitely important (logit :math:`c`), and
     :math:`\theta` sits halfway (in log space) between the last unit kept and the first unit
     dropped by :func:`jaxprune.methods._atp_train.project_masks` ranking by :math:`d_u` at the
     exact ``target_density`` budget. So ``project_masks(prior)`` is that one-shot cut, and the
@@ -313,7 +315,12 @@ def taylor_prior(
         :math:`n_u` and the layout.
       target_density: fraction of prunable parameters kept, in ``(0, 1]``.
       criterion: ``'weight'`` or ``'mask'``.
-      sharpness: :math:`s` (logit per e-fold of score density).
+      cut_groups: the group names the prior may cut (``None`` = all six). On SmolLM2 a cut of
+        whole channels, ``('attn_ctx', 'mlp')``, is a far better start than one that also
+        removes residual-stream input/output dims, which first-order scores misjudge.
+      sharpness: :math:`s` (logit per e-fold of score density). Sampled masks follow the prior
+        only when it is sharp: at :math:`s = 2` many units near the cut flip and the sampled
+        density falls well below the target.
       cap: :math:`c`, the largest absolute logit.
 
     Returns:
@@ -331,6 +338,11 @@ def taylor_prior(
         raise ValueError('taylor_prior needs at least one calibration batch (prune.prior_batches)')
     if criterion not in ('weight', 'mask'):
         raise ValueError(f"{criterion=} must be 'weight' or 'mask' (prune.prior_criterion)")
+    names = {g.name for g in groups}
+    cut = names if cut_groups is None else set(cut_groups)
+    if not cut or not cut <= names:
+        raise ValueError(f'cut_groups={cut_groups!r} must be a non-empty subset of '
+                         f'{sorted(names)} (prune.prior_groups)')
     num_layers = len(dims)
     layout = [{} for _ in range(num_layers)]
     cost = [{} for _ in range(num_layers)]
@@ -357,13 +369,17 @@ def taylor_prior(
 
         importance = unit_weight_scores(pure(frozen), pure(total), dims)
     log_density = {'layers': tuple(
-        {n: np.log(np.asarray(importance['layers'][layer][n], np.float64) / cost[layer][n]
-                   + 1e-30) for n in lm}
+        {n: (np.log(np.asarray(importance['layers'][layer][n], np.float64) / cost[layer][n]
+                    + 1e-30) if n in cut else np.full(lm[n].shape, np.inf)) for n in lm}
         for layer, lm in enumerate(layout))}
     keep = _atp_train.project_masks(log_density, dims, target_density=target_density, bias=0.0)
     flat_ld = np.concatenate([x.ravel() for x in jax.tree.leaves(log_density)])
     flat_keep = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(keep)]) > 0.5
-    if flat_keep.all():
+    finite = np.isfinite(flat_ld)
+    flat_ld, flat_keep = flat_ld[finite], flat_keep[finite]
+    if not flat_ld.size:
+        theta = 0.0
+    elif flat_keep.all():
         theta = flat_ld.min() - cap / sharpness
     elif not flat_keep.any():
         theta = flat_ld.max() + cap / sharpness

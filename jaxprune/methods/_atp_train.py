@@ -86,7 +86,11 @@ class AtpCfg(config_lib.PruneCfg):
         every unit). A deliberate deviation when > 0; see ``warm_start_generator``.
       prior_criterion: ``'weight'`` (element-wise ``sum |W * dL/dW|`` per unit, LLM-Pruner
         style) or ``'mask'`` (``|dL/dm|``); see ``taylor_prior``.
-      prior_sharpness: logit per e-fold of the prior's score density (the prior's confidence).
+      prior_groups: the mask groups the prior may cut; the others start fully kept (the
+        generator may still learn to cut them). Default: whole value/output channels
+        (``attn_ctx``) and FFN neurons (``mlp``).
+      prior_sharpness: logit per e-fold of the prior's score density (the prior's confidence;
+        sharp, so sampled masks stay near the prior's cut).
     """
 
     target_density: float = 0.6
@@ -105,7 +109,8 @@ class AtpCfg(config_lib.PruneCfg):
     gen_batch_size: int = 0
     prior_batches: int = 0
     prior_criterion: str = 'weight'
-    prior_sharpness: float = 2.0
+    prior_groups: tuple[str, ...] = ('attn_ctx', 'mlp')
+    prior_sharpness: float = 10.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -124,6 +129,10 @@ class AtpCfg(config_lib.PruneCfg):
                                  'AtpCfg (e.g. reg_weight>=0, temperature>0, lasso_growth>=1)')
         if not 0 <= self.control_fraction <= 1:
             raise ValueError(f'prune.control_fraction={self.control_fraction} must be in [0, 1]')
+        object.__setattr__(self, 'prior_groups', tuple(self.prior_groups))  # YAML gives lists
+        if not self.prior_groups or not set(self.prior_groups) <= set(_density.GROUP_NAMES):
+            raise ValueError(f'prune.prior_groups={list(self.prior_groups)} must be a non-empty '
+                             f'subset of {list(_density.GROUP_NAMES)}')
         if self.prior_criterion not in ('weight', 'mask'):
             raise ValueError(f'prune.prior_criterion={self.prior_criterion!r} must be '
                              "'weight' or 'mask'")
@@ -527,7 +536,7 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
             trainable, frozen, [next(calib) for _ in range(pcfg.prior_batches)],
             loss_fn=loss_fn, dims=dims, groups=_atp_generator.mask_groups(arch),
             target_density=pcfg.target_density, criterion=pcfg.prior_criterion,
-            sharpness=pcfg.prior_sharpness)
+            cut_groups=pcfg.prior_groups, sharpness=pcfg.prior_sharpness)
         gen_params = _atp.warm_start_generator(gen_params, prior, bias=pcfg.bias)
         tokens['prior'] = pcfg.prior_batches * gen_bs * dcfg.seq_len
         timing['prior_s'] = time.perf_counter() - t0

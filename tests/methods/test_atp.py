@@ -173,6 +173,29 @@ def test_unit_weight_scores_match_brute_force(kv_heads):
             np.testing.assert_allclose(total[n], want[n], rtol=1e-10)
 
 
+def test_taylor_prior_cut_groups_only_cuts_those_groups():
+    """Groups outside cut_groups get the cap logit (kept); the cut still meets the budget."""
+    from jaxprune.methods import _atp_train
+
+    dims = _density.layer_dims(TOY)
+    groups = _atp_generator.mask_groups(TOY)
+    got = _atp.taylor_prior({'w': jnp.zeros(3)}, _importance(dims, 2), [None], loss_fn=_toy_loss,
+                            dims=dims, groups=groups, target_density=0.7, criterion='mask',
+                            cut_groups=('mlp', 'attn_ctx'), cap=5.0)
+    for lm in got['layers']:
+        for name, v in lm.items():
+            if name not in ('mlp', 'attn_ctx'):
+                np.testing.assert_array_equal(np.asarray(v), 5.0)
+    cut = _atp_train.project_masks(got, dims, target_density=0.7, bias=0.0)
+    for c, g in zip(jax.tree.leaves(cut), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(c) > 0.5, np.asarray(g) > 0)
+    assert disp_masks.reference_kept(cut, dims) <= 0.7 * _density.prunable_params(dims)
+    assert min(float(jnp.min(lm['mlp'])) for lm in got['layers']) < 0  # something was cut
+    with pytest.raises(ValueError, match='prior_groups'):
+        _atp.taylor_prior({'w': jnp.zeros(3)}, _importance(dims, 2), [None], loss_fn=_toy_loss,
+                          dims=dims, groups=groups, target_density=0.7, cut_groups=('heads',))
+
+
 def test_taylor_prior_rejects_no_batches():
     dims = _density.layer_dims(TOY)
     with pytest.raises(ValueError, match='prior_batches'):
