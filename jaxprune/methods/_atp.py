@@ -351,15 +351,14 @@ def taylor_prior(
         cost[g.layer][g.name] = g.params_per_unit
     ones = {'layers': tuple(layout)}
 
-    if criterion == 'mask':
-        grad = jax.jit(jax.grad(lambda m, b: loss_fn(trainable, frozen, m, b, lora_aware=False)))
-        arg = ones
-    else:
-        grad = jax.jit(jax.grad(lambda f, b: loss_fn(trainable, f, ones, b, lora_aware=False)))
-        arg = frozen
+    def loss(masks, train_params, frozen_params, batch):
+        return loss_fn(train_params, frozen_params, masks, batch, lora_aware=False)
+
+    # Parameters are arguments, not closed-over constants (which XLA would embed and fold).
+    grad = jax.jit(jax.grad(loss, argnums=0 if criterion == 'mask' else 2))
     total = None
     for b in batches:
-        g = grad(arg, jax.tree.map(jnp.asarray, b))
+        g = grad(ones, trainable, frozen, jax.tree.map(jnp.asarray, b))
         total = g if total is None else jax.tree.map(jnp.add, total, g)
     if criterion == 'mask':
         importance = jax.tree.map(lambda x: np.abs(np.asarray(x, np.float64)), total)
