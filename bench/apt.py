@@ -86,7 +86,7 @@ def _plain(model, rank_masks=None):
     return _apt_export._plain_model(model.config, flat, jnp.float32)
 
 
-def _evaluate(model, cfg, tokenizer, splits) -> dict:
+def _evaluate(model, cfg, tokenizer, splits, split: str = 'validation') -> dict:
     import jax
     import numpy as np
     from flax import nnx
@@ -103,7 +103,7 @@ def _evaluate(model, cfg, tokenizer, splits) -> dict:
         return _step.loss_sums(out, b['labels'], task=task)
 
     totals = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
-    for b in _data.eval_batches(splits['validation'], tokenizer, cfg.data, task=task):
+    for b in _data.eval_batches(splits[split], tokenizer, cfg.data, task=task):
         sums = fn(state, {k: np.asarray(v) for k, v in b.items()})
         for k in totals:
             totals[k] += float(sums[k])
@@ -294,6 +294,9 @@ def remeasure(args) -> int:
     (dense and LoRA from their checkpoints, the two-stage and APT models from their pruned
     folders) is loaded into one process and timed in interleaved rounds, so the ratios compare
     like with like. The in-row timings stay in the JSON as ``latency_*_inrow_s``.
+
+    It also evaluates every final model on the **test** split, which no row and no choice of
+    settings looked at (the rows report validation accuracy, on which settings were chosen).
     """
     import jax
     import numpy as np
@@ -339,6 +342,16 @@ def remeasure(args) -> int:
                 times[(n, b)].append(time.perf_counter() - t0)
     lat = {k: float(np.median(v)) for k, v in times.items()}
     dense = lat[('dense', 32)], lat[('dense', 1)]
+    from jaxprune import train as train_lib
+
+    splits = train_lib.load_splits(cfg.data)
+    tokenizer = train_lib.build_model(cfg.model, cfg.lora)[2]
+    test = {name: _evaluate(m, cfg, tokenizer, splits, split='test') for name, m in models.items()}
+    for r in result['rows']:
+        if r['row'] in test:
+            r['test_eval'] = test[r['row']]
+            r['ratios']['test_accuracy'] = (test[r['row']]['accuracy']
+                                            / test['dense']['accuracy'])
     for r in result['rows']:
         if r['row'] not in fns:
             continue
@@ -364,6 +377,8 @@ def _table(rows: list[dict]) -> str:
     head = (f"{'row':26s} {'val acc':>8s} {'acc/dense':>9s} {'params':>7s} {'block':>7s} "
             f"{'train t':>8s} {'peak mem':>8s} {'lat b32':>8s} {'lat b1':>8s} "
             f"{'speedup b32':>11s} {'speedup b1':>10s}")
+    test = all('test_eval' in r for r in rows)
+    head += f" {'test acc':>8s} {'test/dense':>10s}" if test else ''
     lines = [head, '-' * len(head)]
     for r in rows:
         x = r['ratios']
@@ -371,7 +386,8 @@ def _table(rows: list[dict]) -> str:
             f"{r['row']:26s} {r['eval']['accuracy']:8.4f} {x['accuracy']:9.3f} "
             f"{x['params']:7.3f} {x['block_params']:7.3f} {x['train_seconds']:8.3f} "
             f"{x['peak_rss']:8.3f} {x['latency_b32']:8.3f} {x['latency_b1']:8.3f} "
-            f"{1 / x['latency_b32']:11.2f} {1 / x['latency_b1']:10.2f}")
+            f"{1 / x['latency_b32']:11.2f} {1 / x['latency_b1']:10.2f}"
+            + (f" {r['test_eval']['accuracy']:8.4f} {x['test_accuracy']:10.3f}" if test else ''))
     return '\n'.join(lines)
 
 
