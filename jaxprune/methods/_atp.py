@@ -16,6 +16,13 @@ continues, with the fixed masks. Once the group lasso
 has zeroed the pruned LoRA groups, ``(W x) * m + s B A x == ((W + s B A) x) * m`` on the kept
 channels, so the model can be merged and pruned.
 
+**Warm start (optional, a deliberate deviation).** ATP's generator starts uninformed (every
+unit kept with probability ``sigmoid(bias)``); in the DISP space even mild random masks wreck a
+small pretrained LLM, so the generator first learns from a broken model. :func:`taylor_prior`
+scores every unit once by a first-order Taylor criterion on held-out batches and
+:func:`warm_start_generator` writes those keep logits into the generator's head biases, so the
+first sampled masks are already near a one-shot cut at the budget and the generator refines it.
+
 **Final removal (surgery).** ``jaxprune.surgery.prune`` removes whole heads/KV groups
 (``heads``), FFN neurons (``mlp``) and uniform hidden dims (``hidden``). ATP masks map onto it
 through :func:`atp_surgery_keep`: ``keep[('mlp', l)] = masks['mlp']`` and a GQA group whose
