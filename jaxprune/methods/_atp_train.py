@@ -467,13 +467,14 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
     splits = train.load_splits(dcfg)
     lora_split, gen_split = split_holdout(splits['train'], pcfg.holdout_fraction)
     gen_bs = pcfg.gen_batch_size or dcfg.batch_size
-    key = jax.random.key(tcfg.seed)
-    key, gkey = jax.random.split(key)
+    # Small carry pieces are replicated on the mesh (committed), so a restored checkpoint, whose
+    # arrays take the target's shardings, mixes with the sharded LLM state in one jit.
+    key, gkey = jax.random.split(jax.device_put(jax.random.key(tcfg.seed), replicated))
     gen_params = jax.device_put(_atp_generator.generator_init(
         gkey, _atp_generator.mask_groups(arch), width=pcfg.generator_width,
         num_layers=pcfg.generator_layers), replicated)  # small: every device holds it
     gen_tx = optax.adamw(pcfg.generator_lr)
-    gen_opt = gen_tx.init(gen_params)
+    gen_opt = jax.device_put(gen_tx.init(gen_params), replicated)
     tx = lora_tx(run_cfg, dims)
     opt_state = jax.jit(tx.init, out_shardings=sharding.opt_state_shardings(
         jax.eval_shape(tx.init, trainable), p_sh))(trainable)
@@ -490,14 +491,16 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
     llm_step = jax.jit(functools.partial(_atp.llm_step, loss_fn=loss_fn, tx=tx))
 
     def freeze():  # end of the control phase: the generator's ranking cut at the exact budget
-        return project_masks(_atp_generator.generator_apply(gen_params), dims,
-                             target_density=pcfg.target_density, bias=pcfg.bias)
+        return jax.device_put(project_masks(_atp_generator.generator_apply(gen_params), dims,
+                                            target_density=pcfg.target_density, bias=pcfg.bias),
+                              replicated)
 
     control = pcfg.control_steps(tcfg.steps)
     # Everything the loop carries. Before the freeze `masks` holds a same-shaped placeholder, so
     # every checkpoint has one structure (meta['frozen'] says which it is).
-    placeholder = jax.tree.map(lambda x: jnp.ones(x.shape, jnp.float32),
-                               _atp_generator.generator_apply(gen_params))
+    placeholder = jax.device_put(jax.tree.map(lambda x: jnp.ones(x.shape, jnp.float32),
+                                              _atp_generator.generator_apply(gen_params)),
+                                 replicated)
     carry = {'gen_params': gen_params, 'gen_opt': gen_opt, 'trainable': trainable,
              'opt_state': opt_state, 'masks': placeholder, 'key': key}
     masks = None
