@@ -1,9 +1,11 @@
-"""Shared test helpers for ATP/DISP masks: random masks and a plain-numpy kept-parameter count.
+"""Shared test helpers for ATP/DISP masks: random masks, a plain-numpy kept-parameter count and
+a brute-force budget cut.
 
 Importable from any test module as ``import disp_masks`` (pytest puts ``tests/``, the root
 conftest's folder, on ``sys.path``).
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -38,3 +40,21 @@ def reference_kept(masks, dims):
                  (m['mlp_in'], m['mlp']), (m['mlp'], m['mlp_out'])]
         total += sum(int(np.outer(a, b).sum()) for a, b in pairs)
     return total
+
+
+def reference_projection(logits, dims, target, bias):
+    """Linear scan over every prefix of the ranking by ``logit + bias`` with the numpy count:
+    ``(masks of the longest prefix within target * prunable, masks of one unit more)``."""
+    leaves, treedef = jax.tree.flatten(logits)
+    flat = np.concatenate([np.asarray(x).ravel() + bias for x in leaves])
+    order = np.argsort(-flat, kind='stable')
+    budget = target * _density.prunable_params(dims)
+
+    def masks_of(k):
+        keep = np.zeros(flat.size, np.float32)
+        keep[order[:k]] = 1
+        parts = np.split(keep, np.cumsum([x.size for x in leaves])[:-1])
+        return jax.tree.unflatten(treedef, [p.reshape(x.shape) for p, x in zip(parts, leaves)])
+
+    best = max(k for k in range(flat.size + 1) if reference_kept(masks_of(k), dims) <= budget)
+    return masks_of(best), masks_of(min(best + 1, flat.size))

@@ -80,27 +80,15 @@ def test_generator_step_rejects_bad_target():
 def _reference_prior(importance, dims, groups, target, batches, sharpness, cap):
     """numpy: |sum_b dL/dm| of the toy loss, per parameter, cut by a linear scan of prefixes."""
     cost = {(g.layer, g.name): g.params_per_unit for g in groups}
-    names = [(layer, n) for layer, lm in enumerate(importance['layers']) for n in sorted(lm)]
-    w = [np.asarray(importance['layers'][layer][n], np.float64) for layer, n in names]
-    ld = [np.log(batches * x / x.sum() / cost[k] + 1e-30) for x, k in zip(w, names)]
-    flat = np.concatenate(ld)
-    order = np.argsort(-flat, kind='stable')
-    budget = target * _density.prunable_params(dims)
-
-    def masks_of(k):
-        keep = np.zeros(flat.size, np.float32)
-        keep[order[:k]] = 1
-        parts = np.split(keep, np.cumsum([x.size for x in ld])[:-1])
-        layers = [{} for _ in dims]
-        for (layer, n), part in zip(names, parts):
-            layers[layer][n] = part
-        return {'layers': tuple(layers)}
-
-    best = max(k for k in range(flat.size + 1)
-               if disp_masks.reference_kept(masks_of(k), dims) <= budget)
-    kept, dropped = flat[order[:best]], flat[order[best:]]
-    theta = 0.5 * (kept.min() + dropped.max())
-    return [np.clip(sharpness * (x - theta), -cap, cap) for x in ld], masks_of(best)
+    log_density = {'layers': tuple(
+        {n: np.log(batches * np.asarray(x, np.float64) / np.sum(x) / cost[(layer, n)] + 1e-30)
+         for n, x in lm.items()}
+        for layer, lm in enumerate(importance['layers']))}
+    cut, _ = disp_masks.reference_projection(log_density, dims, target, 0.0)
+    flat = np.concatenate([x.ravel() for x in jax.tree.leaves(log_density)])
+    kept = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(cut)]) > 0.5
+    theta = 0.5 * (flat[kept].min() + flat[~kept].max())
+    return [np.clip(sharpness * (x - theta), -cap, cap) for x in jax.tree.leaves(log_density)], cut
 
 
 @pytest.mark.parametrize('target,sharpness', [(0.5, 2.0), (0.75, 0.5)])

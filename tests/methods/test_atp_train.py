@@ -59,24 +59,6 @@ def test_compact_rejects_unmerged_lora():
         _dims.compact(cfg, params, None)
 
 
-def _reference_projection(logits, dims, target, bias):
-    """Linear scan over every prefix of the ranking with the numpy reference count."""
-    leaves, treedef = jax.tree.flatten(logits)
-    flat = np.concatenate([np.asarray(x).ravel() + bias for x in leaves])
-    order = np.argsort(-flat, kind='stable')
-    budget = target * _density.prunable_params(dims)
-
-    def masks_of(k):
-        keep = np.zeros(flat.size, np.float32)
-        keep[order[:k]] = 1
-        parts = np.split(keep, np.cumsum([x.size for x in leaves])[:-1])
-        return jax.tree.unflatten(treedef, [p.reshape(x.shape) for p, x in zip(parts, leaves)])
-
-    best = max(k for k in range(flat.size + 1)
-               if disp_masks.reference_kept(masks_of(k), dims) <= budget)
-    return masks_of(best), masks_of(min(best + 1, flat.size))
-
-
 def _gen_logits(cfg, seed):
     groups = _atp_generator.mask_groups(cfg)
     params = _atp_generator.generator_init(jax.random.key(seed), groups, width=16, num_layers=1,
@@ -90,7 +72,7 @@ def test_project_masks_matches_reference(target):
     dims = _density.layer_dims(cfg)
     logits = _gen_logits(cfg, 0)
     got = _atp_train.project_masks(logits, dims, target_density=target, bias=0.5)
-    want, _ = _reference_projection(logits, dims, target, 0.5)
+    want, _ = disp_masks.reference_projection(logits, dims, target, 0.5)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
@@ -102,7 +84,7 @@ def test_project_masks_exact_budget(target):
     dims = _density.layer_dims(cfg)
     logits = _gen_logits(cfg, 1)
     masks = _atp_train.project_masks(logits, dims, target_density=target, bias=0.0)
-    _, nxt = _reference_projection(logits, dims, target, 0.0)
+    _, nxt = disp_masks.reference_projection(logits, dims, target, 0.0)
     prunable = _density.prunable_params(dims)
     kept = disp_masks.reference_kept(masks, dims)
     assert int(_density.kept_count(masks, dims)) == kept
