@@ -308,11 +308,12 @@ def remeasure(args) -> int:
 
     tmp = pathlib.Path(args.remeasure)
     result = json.loads(pathlib.Path(args.out).read_text())
-    models, cfg = {}, None
+    models, cfg, setup = {}, None, None
     for name in ('dense', 'lora'):
         if (tmp / name / 'config.yaml').exists():
             cfg = config.load_config(tmp / name / 'config.yaml')
-            models[name] = _plain(_trained_model(cfg)[0])
+            model, setup = _trained_model(cfg)
+            models[name] = _plain(model)
     for name, folder in (('lora+oneshot-salience', 'lora/oneshot-salience'),
                          ('lora+oneshot-magnitude', 'lora/oneshot-magnitude'),
                          ('apt', 'apt/pruned')):
@@ -342,11 +343,8 @@ def remeasure(args) -> int:
                 times[(n, b)].append(time.perf_counter() - t0)
     lat = {k: float(np.median(v)) for k, v in times.items()}
     dense = lat[('dense', 32)], lat[('dense', 1)]
-    from jaxprune import train as train_lib
-
-    splits = train_lib.load_splits(cfg.data)
-    tokenizer = train_lib.build_model(cfg.model, cfg.lora)[2]
-    test = {name: _evaluate(m, cfg, tokenizer, splits, split='test') for name, m in models.items()}
+    test = {name: _evaluate(m, cfg, setup.tokenizer, setup.splits, split='test')
+            for name, m in models.items()}
     for r in result['rows']:
         if r['row'] in test:
             r['test_eval'] = test[r['row']]
