@@ -424,6 +424,7 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
         ``run_dir``, ``checkpoint.*`` and ``train.log_every``: schedules depend on them).
     """
     from jaxprune import checkpoint, data, lora, models, sharding, surgery, train
+    from jaxprune.train import _loop as train_loop
 
     pcfg, tcfg, dcfg = run_cfg.prune, run_cfg.train, run_cfg.data
     if not isinstance(pcfg, AtpCfg):
@@ -480,9 +481,6 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
         jax.eval_shape(tx.init, trainable), p_sh))(trainable)
     lora_sh = sharding.batch_sharding(mesh, batch_size=dcfg.batch_size)
     gen_sh = sharding.batch_sharding(mesh, batch_size=gen_bs)
-
-    def place(batch, sh):
-        return {k: jax.device_put(np.asarray(v), sh) for k, v in batch.items()}
     sample_kw = {'temperature': pcfg.temperature, 'bias': pcfg.bias}
     gen_step = jax.jit(functools.partial(
         _atp.generator_step, loss_fn=loss_fn, tx=gen_tx, dims=dims,
@@ -569,12 +567,12 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
             masks = freeze()
         for step in range(start, tcfg.steps):
             t0 = time.perf_counter()
-            batch = place(next(lora_stream), lora_sh)
+            batch = train_loop._place(next(lora_stream), lora_sh)
             positions['lora'] += 1
             m: dict[str, Any] = {}
             key, k_gen, k_mask = jax.random.split(key, 3)
             if step < control:
-                gb = place(next(gen_stream), gen_sh)
+                gb = train_loop._place(next(gen_stream), gen_sh)
                 positions['generator'] += 1
                 gen_params, gen_opt, gm = gen_step(gen_params, gen_opt, trainable, frozen, gb,
                                                    k_gen)
