@@ -48,7 +48,8 @@ def _overrides(args, row: str, run_dir: str) -> tuple[str, list[str]]:
     common = [
         f'run_dir={run_dir}', f'train.steps={args.steps}', f'data.max_len={args.max_len}',
         f'data.batch_size={args.batch_size}', 'data.eval_batch_size=64', 'train.eval_every=0',
-        'checkpoint.every=0', 'train.log_every=20', 'train.seed=0', 'data.seed=0',
+        'checkpoint.every=0', 'train.log_every=20', f'train.seed={args.seed}',
+        f'data.seed={args.seed}',
         f'train.warmup_steps={max(1, args.steps // 10)}',
         f'data.eval_max_examples={args.eval_examples}',
     ]
@@ -393,6 +394,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--steps', type=int, default=200)
     p.add_argument('--pruning-steps', type=int, default=10)
+    p.add_argument('--seed', type=int, default=0, help='train.seed and data.seed of every row')
     p.add_argument('--max-len', type=int, default=64)
     p.add_argument('--batch-size', type=int, default=16)
     p.add_argument('--rows', default='dense,apt,lora')
@@ -426,7 +428,7 @@ def main(argv=None) -> int:
                '--row-out', str(out), '--steps', str(args.steps), '--max-len', str(args.max_len),
                '--batch-size', str(args.batch_size), '--pruning-steps', str(args.pruning_steps),
                '--llama-steps', str(args.llama_steps), '--eval-examples', str(args.eval_examples),
-               '--set', *args.set]
+               '--seed', str(args.seed), '--set', *args.set]
         print(f'[bench] {name}: {" ".join(cmd)}', flush=True)
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, cwd=ROOT, check=False).returncode
@@ -465,7 +467,7 @@ def main(argv=None) -> int:
         'benchmark': 'apt',
         'model': 'minilm-l6', 'dataset': 'rotten-tomatoes',
         'steps': args.steps, 'batch_size': args.batch_size, 'max_len': args.max_len,
-        'pruning_steps': args.pruning_steps, 'target_density': DENSITY,
+        'pruning_steps': args.pruning_steps, 'target_density': DENSITY, 'seed': args.seed,
         'eval_examples': args.eval_examples,
         'density_counts': 'encoder-block parameters (embeddings excluded)',
         'device': f'{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores '

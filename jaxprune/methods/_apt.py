@@ -34,7 +34,8 @@ trainable ``[D, D]`` projection per layer pair (identity init), reusing
 Deliberate deviations from the reference code: masks live in the optimizer state; the teacher
 is refreshed at pruning steps rather than kept from the start (after surgery the student's
 hidden size differs from the original teacher's and the snapshot shares the pruned backbone);
-per-layer hidden states must be provided by the caller (the models do not expose them yet).
+layer ``l`` of the student is paired with layer ``l`` of the teacher (the models return every
+block's output with ``output_hidden_states=True``) instead of the dynamic layer matching.
 """
 
 from __future__ import annotations
@@ -183,12 +184,17 @@ def apt_loss(
     teacher_hiddens: Sequence[jax.Array] | None = None,
     projections: Sequence[Any] | None = None,
     mask: jax.Array | None = None,
+    hidden_mask: jax.Array | None = None,
+    hidden_weight: float = 1.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     r"""APT's self-distillation objective :math:`\mu L_\mathrm{dist} + (1 - \mu) L_\mathrm{task}`.
 
     :math:`L_\mathrm{distill} = \mathrm{KL}_T(\text{teacher} \| \text{student})` plus, when hidden
-    states are given, the layer-wise MSE through the trainable ``projections``
-    (``_distill.hidden_mse``). ``mu`` follows ``schedules._apt.distill_weight``.
+    states are given, ``hidden_weight`` times the layer-wise MSE through the trainable
+    ``projections`` (``_distill.hidden_mse``). ``mu`` follows ``schedules._apt.distill_weight``.
+    ``mask`` selects the positions of the logits (``[B]`` for classification), ``hidden_mask``
+    the token positions of the hidden states (``[B, T]``, e.g. the attention mask; ``None`` =
+    ``mask``).
 
     Returns:
       ``(loss, {'task', 'kl', 'hidden', 'distill'})``.
@@ -203,8 +209,11 @@ def apt_loss(
         if teacher_hiddens is None:
             raise ValueError('student_hiddens needs teacher_hiddens=...; pass both or neither')
         teacher_hiddens = [jax.lax.stop_gradient(h) for h in teacher_hiddens]
-        hidden = _distill.hidden_mse(student_hiddens, teacher_hiddens, projections, mask=mask)
-    distill = kl + hidden
+        hidden = _distill.hidden_mse(
+            student_hiddens, teacher_hiddens, projections,
+            mask=mask if hidden_mask is None else hidden_mask,
+        )
+    distill = kl + hidden_weight * hidden
     loss = mu * distill + (1.0 - mu) * task_loss
     return loss, {'task': task_loss, 'kl': kl, 'hidden': hidden, 'distill': distill}
 
@@ -214,10 +223,23 @@ def init_projections(num_pairs: int, hidden_size: int, dtype: Any = jnp.float32)
     return [{'kernel': jnp.eye(hidden_size, dtype=dtype)} for _ in range(num_pairs)]
 
 
-def prune_projections(projections: Sequence[dict], hidden_keep: Any) -> list[dict]:
-    """Drop pruned hidden dims from both sides of every projection (after surgery)."""
-    idx = jnp.asarray(np.flatnonzero(np.asarray(hidden_keep)))
-    return [{**p, 'kernel': p['kernel'][idx][:, idx]} for p in projections]
+def prune_projections(projections: Any, hidden_keep: Any) -> Any:
+    """Drop pruned hidden dims from both sides of every projection (after surgery).
+
+    ``projections`` is any pytree whose leaves end in ``[..., D, D]`` (a list of
+    ``{'kernel': [D, D]}``, a stacked ``[L, D, D]`` kernel, or Adam moments of either); leaves
+    of other shapes (counts) are returned unchanged.
+    """
+    keep = np.asarray(hidden_keep, bool)
+    idx = jnp.asarray(np.flatnonzero(keep))
+    d = keep.shape[0]
+
+    def fn(x):
+        if jnp.ndim(x) >= 2 and x.shape[-2:] == (d, d):
+            return jnp.take(jnp.take(x, idx, axis=-1), idx, axis=-2)
+        return x
+
+    return jax.tree.map(fn, projections)
 
 
 def teacher_snapshot(params: Any) -> Any:

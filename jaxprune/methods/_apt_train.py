@@ -14,7 +14,8 @@ What one run does (``jaxprune train configs/apt_minilm_rotten_tomatoes.yaml``):
   compacted model are compared on a probe batch and the max |diff| is logged.
 
 State. Everything the jitted step needs lives in the optimizer state under the single field
-``masks`` (``{'units', 'rank', 'teacher', 'mu'}``), so the loop's ``prepare``/``value_and_grad``
+``masks`` (``{'units', 'rank', 'teacher', 'mu'}`` plus ``'hidden_proj'``/``'hidden_proj_opt'``
+when the hidden distillation is on), so the loop's ``prepare``/``value_and_grad``
 hooks (which receive ``masks``) see the LoRA rank masks, the teacher snapshot and ``mu``, and all
 of it is checkpointed with the optimizer state.
 
@@ -28,9 +29,12 @@ then come from the checkpoint. A changed shape-deciding setting is an error nami
 
 Deliberate deviations from the paper / reference code:
 
-* Self-distillation uses the logit KL only. The layer-wise hidden MSE needs every layer's hidden
-  states; the models expose only the last one (``BertForSequenceClassification.hidden_states``),
-  so the hidden term (``methods._apt.apt_loss(student_hiddens=...)``) is not wired.
+* Self-distillation: :math:`L_\\mathrm{distill}` = logit KL + ``hidden_weight`` x the layer-wise
+  hidden MSE (every block's output, ``output_hidden_states=True``) through one trainable
+  ``[D, D]`` projection per layer (identity init, own Adam on the run's schedule, kept in the
+  ``masks`` state as ``hidden_proj`` and sliced when hidden dims are pruned). Layer ``l`` of the
+  student is paired with layer ``l`` of the teacher (structured pruning removes no layers), not
+  by the reference code's dynamic layer matching.
 * The teacher is the current (compacted) frozen backbone without masks plus a snapshot of the
   trainable parameters taken at the last pruning step (see ``methods._apt`` module docstring).
 * The density budget counts encoder/decoder block parameters (embeddings and the LM head are left
@@ -73,7 +77,7 @@ RESUME_FIELDS = (
     'model.name_or_path', 'train.steps', 'lora.rank', 'lora.targets', 'prune.target_density',
     'prune.num_pruning_steps', 'prune.prune_start_fraction', 'prune.prune_end_fraction',
     'prune.init_rank', 'prune.max_rank', 'prune.tuning_growth', 'prune.compaction',
-    'prune.count_embeddings',
+    'prune.count_embeddings', 'prune.distill', 'prune.hidden_weight',
 )
 
 
@@ -100,6 +104,7 @@ class AptCfg(config_lib.PruneCfg):
     distill: bool = True
     temperature: float = 2.0
     distill_weight: float = 1.0  # final mu
+    hidden_weight: float = 1.0  # weight of the layer-wise hidden MSE in L_distill; 0 = KL only
     compaction: bool = True
     count_embeddings: bool = False
     outlier: bool | None = None  # kurtosis outlier term; None = on for causal LMs
@@ -129,6 +134,9 @@ class AptCfg(config_lib.PruneCfg):
             )
         if self.tuning_growth < 1:
             raise ValueError(f'prune.tuning_growth={self.tuning_growth} must be >= 1')
+        if self.hidden_weight < 0:
+            raise ValueError(
+                f'prune.hidden_weight={self.hidden_weight} must be >= 0 (0 = logit KL only)')
 
 
 class AptTrainState(NamedTuple):
@@ -249,6 +257,27 @@ def _field(run_cfg: Any, dotted: str) -> Any:
     return value
 
 
+def _proj_adam_init(proj: Any) -> dict[str, Any]:
+    """Adam state of the distillation projections under neutral names.
+
+    Optax's own state names (``mu``, ``nu``, ``count``) would make ``optax.tree.get`` lookups
+    of the run's AdamW state ambiguous, so the moments are stored as ``m``/``v``/``step``.
+    """
+    zeros = jax.tree.map(jnp.zeros_like, proj)
+    return {'step': jnp.zeros((), jnp.int32), 'm': zeros, 'v': jax.tree.map(jnp.copy, zeros)}
+
+
+def _proj_adam_step(train_cfg: Any, grads: Any, proj: Any, state: dict[str, Any]
+                    ) -> tuple[Any, dict[str, Any]]:
+    """One Adam step of the projections on the run's learning-rate schedule (no decay)."""
+    adam = optax.scale_by_adam(b1=train_cfg.b1, b2=train_cfg.b2)
+    st = optax.ScaleByAdamState(count=state['step'], mu=state['m'], nu=state['v'])
+    direction, st = adam.update(grads, st)
+    lr = train_cfg.build_schedule()(state['step'])
+    proj = jax.tree.map(lambda p, d: p - lr * d, proj, direction)
+    return proj, {'step': st.count, 'm': st.mu, 'v': st.nu}
+
+
 def _pure(tree: Any) -> Any:
     return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
 
@@ -279,6 +308,9 @@ class AptMethod:
         self.step_size = cfg.mask_step_size or 1.0 / interval
         self.init_rank = min(cfg.init_rank or run_cfg.lora.rank, run_cfg.lora.rank)
         self.mu = apt_schedules.distill_weight(self.steps, final=cfg.distill_weight)
+        # Layer-wise distillation: one [D, D] projection per layer (identity init), trained by its
+        # own Adam on the run's learning-rate schedule; it lives in the ``masks`` state.
+        self.hidden = cfg.distill and cfg.hidden_weight > 0
         self._set_arch(self.arch, rank=run_cfg.lora.rank)
         self.budget_base = _budget.total_prunable_params(self.budget_structures, self.shapes)
         self.initial_params = models.param_count(self.arch)
@@ -337,10 +369,15 @@ class AptMethod:
                 'teacher': jax.tree.map(jnp.copy, params),
                 'mu': jnp.zeros((), jnp.float32),
             }
+            if self.hidden:
+                d, n = self.arch.hidden_size, self.arch.num_layers
+                proj = {'kernel': jnp.tile(jnp.eye(d, dtype=jnp.float32)[None], (n, 1, 1))}
+                masks['hidden_proj'] = proj
+                masks['hidden_proj_opt'] = _proj_adam_init(proj)
             ema = {p: jnp.zeros_like(m) for p, m in ranks.items()}
             return AptTrainState(inner.count, masks, inner.alive, inner.salience_ema, ema)
 
-        def update_fn(updates, state, params=None, *, salience=None, **extra):
+        def update_fn(updates, state, params=None, *, salience=None, proj_grads=None, **extra):
             del extra
             inner = _apt_masks.AptMaskState(
                 state.prune_count, state.masks['units'], state.alive, state.salience_ema
@@ -356,6 +393,10 @@ class AptMethod:
                 }
             mu = self.mu(inner.count) if self.cfg.distill else jnp.zeros((), jnp.float32)
             masks = {**state.masks, 'units': inner.masks, 'mu': jnp.asarray(mu, jnp.float32)}
+            if proj_grads is not None and 'hidden_proj' in masks:
+                masks['hidden_proj'], masks['hidden_proj_opt'] = _proj_adam_step(
+                    self.run_cfg.train, proj_grads, masks['hidden_proj'],
+                    masks['hidden_proj_opt'])
             new_state = AptTrainState(inner.count, masks, inner.alive, inner.salience_ema, rank_ema)
             return updates, new_state
 
@@ -392,27 +433,44 @@ class AptMethod:
         def call(model, **kw):
             return model(ids, **kw) if am is None else model(ids, am, **kw)
 
-        def teacher_logits():
+        def teacher_out():
             teacher = nnx.merge(graphdef, masks['teacher'], rest)
-            return jax.lax.stop_gradient(call(teacher, masks=teacher_masks))
+            out = call(teacher, masks=teacher_masks, output_hidden_states=self.hidden)
+            return jax.lax.stop_gradient(out)
 
-        def loss_fn(tr, taps):
+        def loss_fn(params, taps):
+            tr, proj = params
             model = nnx.merge(graphdef, tr, rest)
-            out, acts = call(model, masks=model_masks, taps=taps)
+            res = call(model, masks=model_masks, taps=taps, output_hidden_states=self.hidden)
+            out, acts = res[:2]
             sums = _step.loss_sums(out, labels, task=self.task)
             ce = sums['loss_sum'] / jnp.maximum(sums['count'], 1.0)
             aux = {**sums, 'ce': ce, 'mu': mu}
             loss = ce
             if self.cfg.distill:
-                shape = jax.eval_shape(teacher_logits)
-                t_out = jax.lax.cond(
-                    mu > 0, teacher_logits, lambda: jnp.zeros(shape.shape, shape.dtype)
+                shapes = jax.eval_shape(teacher_out)
+                t_res = jax.lax.cond(
+                    mu > 0, teacher_out,
+                    lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
                 )
+                t_out = t_res[0] if self.hidden else t_res
                 valid = (labels >= 0).astype(jnp.float32)
+                hidden_kw = {}
+                if self.hidden:
+                    hidden_kw = {
+                        'student_hiddens': res[2],
+                        'teacher_hiddens': t_res[1],
+                        'projections': [{'kernel': k} for k in proj['kernel']],
+                        'hidden_mask': am,
+                        'hidden_weight': self.cfg.hidden_weight,
+                    }
                 loss, parts = _apt.apt_loss(
-                    ce, out, t_out, mu=mu, temperature=self.cfg.temperature, mask=valid
+                    ce, out, t_out, mu=mu, temperature=self.cfg.temperature, mask=valid,
+                    **hidden_kw,
                 )
                 aux['kl'] = parts['kl']
+                if self.hidden:
+                    aux['hidden_mse'] = parts['hidden']
             return loss, (acts, aux)
 
         outlier_params = None
@@ -420,10 +478,15 @@ class AptMethod:
             outlier_params = nnx.to_pure_dict(
                 nnx.state(nnx.merge(graphdef, trainable, rest), nnx.Param)
             )
-        loss, grads, salience, aux = _apt.value_grads_and_salience(
-            loss_fn, trainable, taps, self.budget_structures, outlier_params=outlier_params
+        proj = masks.get('hidden_proj') if self.hidden else None
+        loss, (grads, proj_grads), salience, aux = _apt.value_grads_and_salience(
+            loss_fn, (trainable, proj), taps, self.budget_structures,
+            outlier_params=outlier_params,
         )
-        return (loss, aux), grads, {'salience': salience}
+        extra = {'salience': salience}
+        if proj is not None:
+            extra['proj_grads'] = proj_grads
+        return (loss, aux), grads, extra
 
     def on_step_end(self, step: int, state: train_lib.LoopState) -> train_lib.LoopState:
         """At a pruning step: compaction, rank growth, teacher refresh; then the loop re-jits."""
@@ -586,6 +649,10 @@ class AptMethod:
                 )
             )(opt_state)
         masks = optax.tree.get(opt_state, 'masks')
+        if self.cfg.compaction and 'hidden_proj' in masks:
+            hk = keep[('hidden', None)]
+            masks = {**masks, **{k: _apt.prune_projections(masks[k], hk)
+                                 for k in ('hidden_proj', 'hidden_proj_opt')}}
         ranks, rank_ema = masks['rank'], optax.tree.get(opt_state, 'rank_ema')
         bucket = self.bucket
         if ranks:

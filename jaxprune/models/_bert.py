@@ -350,8 +350,13 @@ class BertForSequenceClassification(nnx.Module):
         masks: dict | None = None,
         taps: tuple | None = None,
         lora_aware: bool = False,
-    ) -> tuple[Float[Array, 'B T D'], tuple]:
-        """Last-layer hidden states and per-layer tap activations (empty dicts without taps)."""
+        output_hidden_states: bool = False,
+    ) -> tuple[Float[Array, 'B T D'], tuple] | tuple[Float[Array, 'B T D'], tuple, tuple]:
+        """Last-layer hidden states and per-layer tap activations (empty dicts without taps).
+
+        With ``output_hidden_states`` a third element holds every block's output ``[B, T, D]``
+        (``num_layers`` entries, the last equal to the first element).
+        """
         cfg = self.config
         bsz, t = input_ids.shape
         hidden = _get(masks, 'hidden')
@@ -380,12 +385,15 @@ class BertForSequenceClassification(nnx.Module):
         else:
             weights = attention_mask.astype(jnp.int32)
             bias = jnp.where(weights[:, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
-        all_acts = []
+        all_acts, outs = [], []
         for i, block in enumerate(self.layers):
             m = None if layer_masks is None else layer_masks[i]
             tap = None if taps is None else taps[i]
             x, acts = block(x, bias, hidden, m, tap, weights, lora_aware)
             all_acts.append(acts)
+            outs.append(x)
+        if output_hidden_states:
+            return x, tuple(all_acts), tuple(outs)
         return x, tuple(all_acts)
 
     def __call__(
@@ -396,17 +404,21 @@ class BertForSequenceClassification(nnx.Module):
         masks: dict | None = None,
         taps: tuple | None = None,
         lora_aware: bool = False,
-    ) -> Float[Array, 'B L'] | tuple[Float[Array, 'B L'], tuple]:
+        output_hidden_states: bool = False,
+    ) -> Float[Array, 'B L'] | tuple:
         """Class logits ``[B, num_labels]``; with ``taps`` returns ``(logits, acts)``.
 
-        Arguments as in ``Llama.__call__``; token type ids are all zero.
+        Arguments and the ``output_hidden_states`` convention as in ``Llama.__call__``; token
+        type ids are all zero.
         """
-        x, acts = self.hidden_states(
-            input_ids, attention_mask, masks=masks, taps=taps, lora_aware=lora_aware
+        x, acts, outs = self.hidden_states(
+            input_ids, attention_mask, masks=masks, taps=taps, lora_aware=lora_aware,
+            output_hidden_states=True,
         )
         pooled = jnp.tanh(self.pooler(x[:, 0], lora_aware=lora_aware))
         logits = self.classifier(pooled, lora_aware=lora_aware)
-        return (logits, acts) if taps is not None else logits
+        return _llama.outputs(logits, acts if taps is not None else None,
+                              outs if output_hidden_states else None)
 
     def encode(
         self,

@@ -410,8 +410,13 @@ class Llama(nnx.Module):
         masks: dict | None = None,
         taps: tuple | None = None,
         lora_aware: bool = False,
-    ) -> Float[Array, 'B T V'] | tuple[Float[Array, 'B T V'], tuple]:
+        output_hidden_states: bool = False,
+    ) -> Float[Array, 'B T V'] | tuple:
         """Logits ``[B, T, V]``; with ``taps`` returns ``(logits, acts)``.
+
+        With ``output_hidden_states`` the per-block outputs ``[B, T, D]`` (``num_layers``
+        entries, before the final norm) come last: ``(logits, hiddens)`` or, with ``taps`` too,
+        ``(logits, acts, hiddens)``.
 
         Args:
           input_ids: token ids.
@@ -421,6 +426,7 @@ class Llama(nnx.Module):
           taps: per-layer dicts of zero arrays ``attn_ctx [B,T,H*hd]``, ``mlp [B,T,F]``,
             ``resid [B,T,D]`` added at those sites; ``jax.grad`` wrt taps is dL/dH.
           lora_aware: LoRA adapters bypass the masks (ATP), see ``Linear``.
+          output_hidden_states: also return every block's output (layer-wise distillation).
         """
         cfg = self.config
         bsz, t = input_ids.shape
@@ -448,19 +454,25 @@ class Llama(nnx.Module):
         x = self.embed(input_ids)
         if hidden is not None:
             x = x * hidden.astype(x.dtype)
-        all_acts = []
+        all_acts, outs = [], []
         for i, block in enumerate(self.layers):
             m = None if layer_masks is None else layer_masks[i]
             tap = None if taps is None else taps[i]
             x, acts = block(x, positions, bias, inv_freq, hidden, m, tap, weights, lora_aware)
             all_acts.append(acts)
+            outs.append(x)
         x = self.norm(x, hidden)
         logits = (
             self.embed.attend(x) if self.lm_head is None else self.lm_head(x, lora_aware=lora_aware)
         )
-        if taps is not None:
-            return logits, tuple(all_acts)
-        return logits
+        return outputs(logits, tuple(all_acts) if taps is not None else None,
+                       tuple(outs) if output_hidden_states else None)
+
+
+def outputs(logits: jax.Array, acts: tuple | None, hiddens: tuple | None) -> Any:
+    """The models' return convention: ``logits``, then ``acts`` and ``hiddens`` when present."""
+    extra = tuple(x for x in (acts, hiddens) if x is not None)
+    return (logits, *extra) if extra else logits
 
 
 def make_taps(

@@ -117,6 +117,66 @@ def test_mask_transform_never_revives_dead_units(tmp_path):
     assert any(d.any() for d in dead.values())  # the test pruned something
 
 
+def test_hidden_distillation_matches_reference(tmp_path):
+    """Layer-wise MSE, its weight in the loss and the projection gradient vs a plain computation."""
+    cfg = _cfg(tmp_path, 'train.steps=12', 'prune.num_pruning_steps=2', 'prune.hidden_weight=0.7')
+    s = _loop.setup(cfg)
+    method = s.method
+    masks = optax.tree.get(s.state.opt_state, 'masks')
+    key = (jax.random.key(i) for i in itertools.count())
+    masks = {
+        **masks,
+        'mu': jnp.float32(0.4),
+        'units': {k: jax.random.uniform(next(key), v.shape) for k, v in masks['units'].items()},
+        'teacher': jax.tree.map(
+            lambda x: x + 0.1 * jax.random.normal(next(key), x.shape), masks['teacher']),
+        'hidden_proj': {'kernel': masks['hidden_proj']['kernel']
+                        + 0.1 * jax.random.normal(next(key), masks['hidden_proj']['kernel'].shape)},
+    }
+    trainable = jax.tree.map(lambda x: x + 0.05 * jnp.ones_like(x), s.state.trainable)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 200, (3, 7)), jnp.int32)
+    am = jnp.asarray([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4], jnp.int32)
+    batch = {'input_ids': ids, 'attention_mask': am, 'labels': jnp.asarray([0, 1, 1])}
+    (loss, aux), _, extra = method.value_and_grad(
+        None, trainable, s.rest, batch, masks, None, graphdef=s.graphdef)
+
+    student = nnx.merge(s.graphdef, trainable, s.rest)
+    teacher = nnx.merge(s.graphdef, masks['teacher'], s.rest)
+    _, hs = student(ids, am, masks=method.model_masks(masks), output_hidden_states=True)
+    _, ht = teacher(ids, am, masks=method.model_masks({'units': {}, 'rank': masks['rank']}),
+                    output_hidden_states=True)
+    w = np.asarray(am, np.float64)
+
+    def mse(kernel):
+        per_layer = [
+            jnp.sum(jnp.mean((a @ k - b) ** 2, -1) * w) / w.sum()
+            for a, b, k in zip(hs, ht, kernel, strict=True)
+        ]
+        return sum(per_layer) / len(per_layer)
+
+    kernel = masks['hidden_proj']['kernel']
+    np.testing.assert_allclose(aux['hidden_mse'], mse(kernel), rtol=1e-5)
+    np.testing.assert_allclose(
+        loss, 0.4 * (aux['kl'] + 0.7 * aux['hidden_mse']) + 0.6 * aux['ce'], rtol=1e-5)
+    ref_grad = jax.grad(lambda k: 0.4 * 0.7 * mse(k))(kernel)
+    np.testing.assert_allclose(extra['proj_grads']['kernel'], ref_grad, rtol=1e-4, atol=1e-7)
+    # The transform takes an Adam step on the projections (past warmup's lr=0 at step 0).
+    tx = method.transform()
+    masks['hidden_proj_opt'] = {**masks['hidden_proj_opt'], 'step': jnp.int32(5)}
+    state = optax.tree.set(tx.init(trainable), masks=masks)
+    zeros = {k: jnp.zeros_like(v) for k, v in masks['units'].items()}
+    _, new = tx.update(trainable, state, trainable, salience=zeros,
+                       proj_grads=extra['proj_grads'])
+    moved = np.asarray(new.masks['hidden_proj']['kernel'] - kernel)
+    assert np.all(np.sign(moved[np.abs(ref_grad) > 1e-6]) == -np.sign(
+        np.asarray(ref_grad)[np.abs(ref_grad) > 1e-6]))
+    assert int(new.masks['hidden_proj_opt']['step']) == 6
+    # hidden_weight=0: no projections, no hidden term.
+    cfg0 = _cfg(tmp_path, 'train.steps=12', 'prune.num_pruning_steps=2', 'prune.hidden_weight=0')
+    s0 = _loop.setup(cfg0)
+    assert 'hidden_proj' not in optax.tree.get(s0.state.opt_state, 'masks')
+
+
 @pytest.mark.parametrize('seed', [0, 1])
 def test_pruning_step_compacted_equals_masked(tmp_path, seed):
     """Hard masks -> surgery: logits equal (atol 1e-5), params match the budget, ranks grow."""
@@ -127,7 +187,10 @@ def test_pruning_step_compacted_equals_masked(tmp_path, seed):
     keep = _random_keep(method.structures, seed)
     masks = optax.tree.get(opt_state, 'masks')
     units = {k: jnp.asarray(v, jnp.float32) for k, v in keep.items()}
-    opt_state = optax.tree.set(opt_state, masks={**masks, 'units': units})
+    proj = jax.random.normal(jax.random.key(seed), masks['hidden_proj']['kernel'].shape)
+    proj_opt = {**masks['hidden_proj_opt'], 'm': {'kernel': proj + 1.0}}
+    opt_state = optax.tree.set(opt_state, masks={
+        **masks, 'units': units, 'hidden_proj': {'kernel': proj}, 'hidden_proj_opt': proj_opt})
     ts = s.state._replace(opt_state=opt_state)
     # Make the adapters non-trivial so the masked/compacted comparison covers LoRA too.
     trainable = jax.tree.map(
@@ -162,6 +225,13 @@ def test_pruning_step_compacted_equals_masked(tmp_path, seed):
     assert jax.tree.map(jnp.shape, nu) == jax.tree.map(jnp.shape, new.state.trainable)
     teacher = new_masks['teacher']
     assert jax.tree.map(jnp.shape, teacher) == jax.tree.map(jnp.shape, new.state.trainable)
+    # The distillation projections (and their Adam moments) lost the pruned hidden dims.
+    idx = np.flatnonzero(keep[('hidden', None)])
+    assert len(idx) < proj.shape[-1]
+    np.testing.assert_array_equal(new_masks['hidden_proj']['kernel'],
+                                  np.asarray(proj)[:, idx][:, :, idx])
+    np.testing.assert_array_equal(new_masks['hidden_proj_opt']['m']['kernel'],
+                                  np.asarray(proj + 1.0)[:, idx][:, :, idx])
     # Ranks grew for some adapters and never shrank; none exceeds max_rank.
     ranks = {k: int(np.sum(np.asarray(v) > 0)) for k, v in new_masks['rank'].items()}
     assert all(ranks[k] >= old_ranks[k] for k in ranks)

@@ -190,6 +190,33 @@ def test_tap_acts_match_explicit_computation(graph_mode):
     assert acts[0]['attn_ctx'].shape == (cfg.num_heads * cfg.head_dim,)
 
 
+@pytest.mark.parametrize('arch', ['llama', 'bert'])
+def test_output_hidden_states_are_the_block_outputs(arch, graph_mode):
+    """One entry per block, the last feeding the head; same with taps; logits unchanged."""
+    model = _model(arch, LORA)
+    _perturb_lora(model)
+    masks = _ones_masks(model)
+    masks['layers'][0]['mlp'] = masks['layers'][0]['mlp'].at[1].set(0.0)
+    logits, hiddens = model(IDS, AMASK, masks=masks, output_hidden_states=True)
+    np.testing.assert_allclose(logits, model(IDS, AMASK, masks=masks), atol=TOL, rtol=0)
+    assert len(hiddens) == model.config.num_layers
+    taps = _taps(model, *IDS.shape)
+    _, acts, hiddens2 = model(IDS, AMASK, masks=masks, taps=taps,
+                                    output_hidden_states=True)
+    assert isinstance(acts[0], dict) and 'mlp' in acts[0]
+    for h, h2 in zip(hiddens, hiddens2, strict=True):
+        np.testing.assert_allclose(h, h2, atol=TOL, rtol=0)
+    if arch == 'bert':
+        last, _ = model.hidden_states(IDS, AMASK, masks=masks)
+        np.testing.assert_allclose(hiddens[-1], last, atol=TOL, rtol=0)
+    else:  # logits = lm_head(norm(last block output))
+        x = model.norm(hiddens[-1], masks['hidden'])
+        ref = model.embed.attend(x) if model.lm_head is None else model.lm_head(x)
+        np.testing.assert_allclose(ref, logits, atol=TOL, rtol=0)
+    # Layer 1's output is block 1 applied to layer 0's output (the list is not shifted).
+    assert not np.allclose(hiddens[0], hiddens[1])
+
+
 def test_masks_layer_count_is_checked():
     model = _model('llama')
     with pytest.raises(ValueError, match='one dict per layer'):
