@@ -62,16 +62,19 @@ def _overrides(args, row: str, run_dir: str) -> tuple[str, list[str]]:
         return 'configs/apt_minilm_rotten_tomatoes.yaml', common + [
             f'prune.target_density={DENSITY}', f'prune.num_pruning_steps={args.pruning_steps}',
             'prune.check_compaction=true', *args.set]
+    llama = [f'run_dir={run_dir}', f'train.steps={args.llama_steps}', 'train.eval_every=0',
+             'checkpoint.every=0', f'train.warmup_steps={max(1, args.llama_steps // 10)}',
+             f'train.seed={args.seed}', f'data.seed={args.seed}']
     if row == 'llama-lora':
-        return 'configs/smollm2_shakespeare_lora.yaml', [
-            f'run_dir={run_dir}', f'train.steps={args.llama_steps}', 'train.eval_every=0',
-            'checkpoint.every=0', 'train.warmup_steps=5']
+        return 'configs/smollm2_shakespeare_lora.yaml', llama
     if row == 'llama-apt':
-        return 'configs/smollm2_shakespeare_lora.yaml', [
-            f'run_dir={run_dir}', f'train.steps={args.llama_steps}', 'train.eval_every=0',
-            'checkpoint.every=0', 'train.warmup_steps=5', 'prune.method=apt',
-            'prune.target_density=0.7', f'prune.num_pruning_steps={args.pruning_steps}',
-            'prune.check_compaction=false']
+        # The MiniLM schedule lessons (prune in the second half, keep half of the task loss);
+        # the LM head is pretrained here, so pruning may start earlier than for a new classifier.
+        return 'configs/smollm2_shakespeare_lora.yaml', llama + [
+            'prune.method=apt', 'prune.target_density=0.7',
+            f'prune.num_pruning_steps={args.pruning_steps}', 'prune.prune_start_fraction=0.3',
+            'prune.prune_end_fraction=0.8', 'prune.distill_weight=0.5',
+            'prune.check_compaction=false', *args.llama_set]
     raise ValueError(f'{row=} is unknown')
 
 
@@ -149,7 +152,10 @@ def _measure(name, model, cfg, tokenizer, splits, *, train_s, extra=None) -> dic
         'params': params,
         'block_params': int(models.prunable_param_count(model.config)),
         'train_seconds': train_s,
-        'latency_b32_s': _latency(model, cfg, batch=32, repeats=10),
+        # LM rows: batch 8 x seq_len 128 (batch 32 would take seconds per forward on this CPU)
+        **({'latency_b32_s': _latency(model, cfg, batch=32, repeats=10)}
+           if cfg.model.task == 'classification'
+           else {'latency_b8_s': _latency(model, cfg, batch=8, repeats=10)}),
         'latency_b1_s': _latency(model, cfg, batch=1, repeats=30),
         'loadavg': os.getloadavg(),
         'config': {
@@ -390,6 +396,31 @@ def _table(rows: list[dict]) -> str:
     return '\n'.join(lines)
 
 
+def _llama_table(rows: list[dict]) -> str | None:
+    """SmolLM2 rows against the LoRA row: held-out perplexity, parameters, latency."""
+    base = next((r for r in rows if r['row'] == 'llama-lora'), None)
+    if base is None:
+        return None
+    head = (f"{'row':12s} {'val ppl':>8s} {'params':>11s} {'/ lora':>7s} {'block':>7s} "
+            f"{'lat b8 s':>9s} {'/ lora':>7s} {'lat b1 s':>9s} {'/ lora':>7s} {'train s':>8s}")
+    lines = [head, '-' * len(head)]
+    for r in rows:
+        if not r['row'].startswith('llama'):
+            continue
+        r['llama_ratios'] = {
+            'params': r['params'] / base['params'],
+            'block_params': r['block_params'] / base['block_params'],
+            'latency_b8': r['latency_b8_s'] / base['latency_b8_s'],
+            'latency_b1': r['latency_b1_s'] / base['latency_b1_s'],
+        }
+        x = r['llama_ratios']
+        lines.append(
+            f"{r['row']:12s} {r['eval']['perplexity']:8.2f} {r['params']:11,d} {x['params']:7.3f} "
+            f"{x['block_params']:7.3f} {r['latency_b8_s']:9.4f} {x['latency_b8']:7.3f} "
+            f"{r['latency_b1_s']:9.4f} {x['latency_b1']:7.3f} {r['train_seconds']:8.0f}")
+    return '\n'.join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--steps', type=int, default=200)
@@ -400,7 +431,9 @@ def main(argv=None) -> int:
     p.add_argument('--rows', default='dense,apt,lora')
     p.add_argument('--eval-examples', type=int, default=1281, help='validation examples')
     p.add_argument('--llama', action='store_true', help='add smollm2-135m rows (LoRA vs APT 0.7)')
-    p.add_argument('--llama-steps', type=int, default=40)
+    p.add_argument('--llama-steps', type=int, default=120)
+    p.add_argument('--llama-set', nargs='*', default=[], metavar='KEY=VALUE',
+                   help='extra config overrides for the llama-apt row')
     p.add_argument('--out', default=str(ROOT / 'bench/results/apt_minilm_cpu.json'))
     p.add_argument('--remeasure', metavar='DIR',
                    help='re-time the final models of a finished run (its temp dir) side by side')
@@ -428,7 +461,7 @@ def main(argv=None) -> int:
                '--row-out', str(out), '--steps', str(args.steps), '--max-len', str(args.max_len),
                '--batch-size', str(args.batch_size), '--pruning-steps', str(args.pruning_steps),
                '--llama-steps', str(args.llama_steps), '--eval-examples', str(args.eval_examples),
-               '--seed', str(args.seed), '--set', *args.set]
+               '--seed', str(args.seed), '--set', *args.set, '--llama-set', *args.llama_set]
         print(f'[bench] {name}: {" ".join(cmd)}', flush=True)
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, cwd=ROOT, check=False).returncode
@@ -450,6 +483,8 @@ def main(argv=None) -> int:
     rows.sort(key=lambda r: order.get(r['row'], 99))
     dense = next(r for r in rows if r['row'] == 'dense')
     for r in rows:
+        if r['row'].startswith('llama'):  # compared with llama-lora in _llama_table
+            continue
         r['ratios'] = {
             'accuracy': r['eval']['accuracy'] / dense['eval']['accuracy'],
             'params': r['params'] / dense['params'],
@@ -461,6 +496,9 @@ def main(argv=None) -> int:
         }
     table = _table([r for r in rows if not r['row'].startswith('llama')])
     print(table)
+    llama_table = _llama_table(rows)
+    if llama_table:
+        print(llama_table)
     import jax
 
     result = {
@@ -479,6 +517,9 @@ def main(argv=None) -> int:
         'rows': rows,
         'table': table,
     }
+    if llama_table:
+        result['llama_table'] = llama_table
+        result['llama_steps'] = args.llama_steps
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
     print(f'wrote {args.out}')

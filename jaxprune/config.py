@@ -100,8 +100,13 @@ class LoraCfg:
     rank: int = 8
     alpha: float = 16.0
     targets: str = r'.*\.(q_proj|v_proj|query|value)'  # == jaxprune.lora.DEFAULT_TARGETS
+    # Classification only: modules trained in full next to the adapters (the task head). A BERT
+    # encoder's head is tanh(pooler(h[CLS])) -> classifier, as RoBERTa's dense -> out_proj head;
+    # sentence-transformers checkpoints ship an untrained pooler (bias 0), so it trains too.
+    head_modules: tuple[str, ...] = ('classifier', 'pooler')
 
     def __post_init__(self):
+        object.__setattr__(self, 'head_modules', tuple(self.head_modules))
         if self.enabled:
             _positive('lora.rank', self.rank, 'pass e.g. 8, or lora.enabled=false')
             _positive('lora.alpha', self.alpha, 'pass e.g. 16')

@@ -51,11 +51,12 @@ class Setup:
 
 
 def trainable_filter(cfg: config_lib.RunCfg):
-    """What trains: LoRA factors (+ classifier head) with LoRA, everything otherwise."""
+    """What trains: LoRA factors (+ ``lora.head_modules`` for classification) with LoRA, else all."""
     if cfg.lora.enabled and not cfg.train.full_finetune:
         from jaxprune import lora
 
-        return lora.trainable_filter(classifier=cfg.model.task == 'classification')
+        return lora.trainable_filter(classifier=cfg.model.task == 'classification',
+                                     head_names=cfg.lora.head_modules)
     return nnx.Param
 
 
