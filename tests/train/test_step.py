@@ -29,8 +29,8 @@ def _batch(task, b=8, t=16, seed=0):
     return {'input_ids': ids, 'labels': labels}
 
 
-def _split(model_cfg, lora=False, lr=3e-3):
-    lcfg = config.LoraCfg(enabled=lora, rank=4)
+def _split(model_cfg, lora=False, lr=3e-3, **lora_kw):
+    lcfg = config.LoraCfg(enabled=lora, rank=4, **lora_kw)
     model, _, _ = _factory.build_model(model_cfg, lcfg)
     run = config.RunCfg(model=model_cfg, lora=lcfg)
     from jaxprune.train import _loop
@@ -107,13 +107,16 @@ def test_nonfinite_step_is_skipped():
     assert any(changed)
 
 
-def test_lora_only_training_leaves_base_params_bit_identical():
-    model, graphdef, trainable, rest, tx = _split(CLS, lora=True)
+@pytest.mark.parametrize('heads', [('classifier', 'pooler'), ('classifier',)])
+def test_lora_only_training_leaves_base_params_bit_identical(heads):
+    """Only the adapters and ``lora.head_modules`` change; every other parameter is bit-equal."""
+    model, graphdef, trainable, rest, tx = _split(CLS, lora=True, head_modules=heads)
     base_before = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     paths = [_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(
         nnx.to_pure_dict(trainable))[0]]
-    assert paths and all(('lora_' in p) or p.startswith('classifier') for p in paths), paths
+    assert paths and all(('lora_' in p) or p.startswith(heads) for p in paths), paths
     assert any('lora_' in p for p in paths)
+    assert {h for h in heads if any(p.startswith(h) for p in paths)} == set(heads)
     step = _step.make_train_step(graphdef, tx, task='classification', method=_method.NoMethod())
     state = _step.init_state(trainable, tx, seed=0)
     for i in range(3):
@@ -125,7 +128,7 @@ def test_lora_only_training_leaves_base_params_bit_identical():
     n_base = n_lora_changed = 0
     for k, v in flat_b.items():
         name = _name(k)
-        if 'lora_' in name or name.startswith('classifier'):
+        if 'lora_' in name or name.startswith(heads):
             n_lora_changed += not np.array_equal(v, flat_a[k])
         else:
             np.testing.assert_array_equal(v, flat_a[k], err_msg=name)
