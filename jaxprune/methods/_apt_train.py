@@ -34,7 +34,9 @@ Deliberate deviations from the paper / reference code:
   ``[D, D]`` projection per layer (identity init, own Adam on the run's schedule, kept in the
   ``masks`` state as ``hidden_proj`` and sliced when hidden dims are pruned). Layer ``l`` of the
   student is paired with layer ``l`` of the teacher (structured pruning removes no layers), not
-  by the reference code's dynamic layer matching.
+  by the reference code's dynamic layer matching. For causal LMs the hidden term is off unless
+  ``hidden_weight`` is set: their residual streams carry massive activations (mean square ~5e3
+  on SmolLM2-135M), so the raw MSE swamps the task loss (measured: gradient norm 15x).
 * The teacher is the current (compacted) frozen backbone without masks plus a snapshot of the
   trainable parameters taken at the last pruning step (see ``methods._apt`` module docstring).
 * The density budget counts encoder/decoder block parameters (embeddings and the LM head are left
@@ -104,7 +106,10 @@ class AptCfg(config_lib.PruneCfg):
     distill: bool = True
     temperature: float = 2.0
     distill_weight: float = 1.0  # final mu
-    hidden_weight: float = 1.0  # weight of the layer-wise hidden MSE in L_distill; 0 = KL only
+    # Weight of the layer-wise hidden MSE in L_distill (0 = logit KL only). None = 1.0 for
+    # encoders, 0 for causal LMs: a LLaMA-family residual stream carries massive activations
+    # (SmolLM2's mean square is ~5e3), so the raw MSE would swamp the task loss.
+    hidden_weight: float | None = None
     compaction: bool = True
     count_embeddings: bool = False
     outlier: bool | None = None  # kurtosis outlier term; None = on for causal LMs
@@ -134,7 +139,7 @@ class AptCfg(config_lib.PruneCfg):
             )
         if self.tuning_growth < 1:
             raise ValueError(f'prune.tuning_growth={self.tuning_growth} must be >= 1')
-        if self.hidden_weight < 0:
+        if self.hidden_weight is not None and self.hidden_weight < 0:
             raise ValueError(
                 f'prune.hidden_weight={self.hidden_weight} must be >= 0 (0 = logit KL only)')
 
@@ -310,7 +315,9 @@ class AptMethod:
         self.mu = apt_schedules.distill_weight(self.steps, final=cfg.distill_weight)
         # Layer-wise distillation: one [D, D] projection per layer (identity init), trained by its
         # own Adam on the run's learning-rate schedule; it lives in the ``masks`` state.
-        self.hidden = cfg.distill and cfg.hidden_weight > 0
+        self.hidden_weight = (cfg.hidden_weight if cfg.hidden_weight is not None
+                              else 0.0 if self.task == 'causal_lm' else 1.0)
+        self.hidden = cfg.distill and self.hidden_weight > 0
         self._set_arch(self.arch, rank=run_cfg.lora.rank)
         self.budget_base = _budget.total_prunable_params(self.budget_structures, self.shapes)
         self.initial_params = models.param_count(self.arch)
@@ -462,15 +469,16 @@ class AptMethod:
                         'teacher_hiddens': t_res[1],
                         'projections': [{'kernel': k} for k in proj['kernel']],
                         'hidden_mask': am,
-                        'hidden_weight': self.cfg.hidden_weight,
+                        'hidden_weight': self.hidden_weight,
                     }
                 loss, parts = _apt.apt_loss(
                     ce, out, t_out, mu=mu, temperature=self.cfg.temperature, mask=valid,
                     **hidden_kw,
                 )
-                aux['kl'] = parts['kl']
+                on = (mu > 0).astype(jnp.float32)  # at mu == 0 the teacher is not run
+                aux['kl'] = on * parts['kl']
                 if self.hidden:
-                    aux['hidden_mse'] = parts['hidden']
+                    aux['hidden_mse'] = on * parts['hidden']
             return loss, (acts, aux)
 
         outlier_params = None
