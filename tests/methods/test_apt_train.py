@@ -175,6 +175,13 @@ def test_hidden_distillation_matches_reference(tmp_path):
     cfg0 = _cfg(tmp_path, 'train.steps=12', 'prune.num_pruning_steps=2', 'prune.hidden_weight=0')
     s0 = _loop.setup(cfg0)
     assert 'hidden_proj' not in optax.tree.get(s0.state.opt_state, 'masks')
+    # Unset: on for encoders, off for causal LMs (massive residual activations), unless set.
+    assert method.hidden and _method.build_method(
+        _cfg(tmp_path).prune, run_cfg=_cfg(tmp_path)).hidden_weight == 1.0
+    lm = ['model.name_or_path=tiny-llama', 'model.task=causal_lm', 'data.dataset=tiny-text']
+    assert not _method.build_method(_cfg(tmp_path, *lm).prune, run_cfg=_cfg(tmp_path, *lm)).hidden
+    lm_on = _cfg(tmp_path, *lm, 'prune.hidden_weight=0.5')
+    assert _method.build_method(lm_on.prune, run_cfg=lm_on).hidden
 
 
 @pytest.mark.parametrize('seed', [0, 1])
