@@ -223,20 +223,23 @@ def init_projections(num_pairs: int, hidden_size: int, dtype: Any = jnp.float32)
     return [{'kernel': jnp.eye(hidden_size, dtype=dtype)} for _ in range(num_pairs)]
 
 
-def prune_projections(projections: Any, hidden_keep: Any) -> Any:
-    """Drop pruned hidden dims from both sides of every projection (after surgery).
+def prune_projections(projections: Any, hidden_keep: Any, *, teacher_side: bool = True) -> Any:
+    """Drop pruned hidden dims from the projections (after surgery).
 
-    ``projections`` is any pytree whose leaves end in ``[..., D, D]`` (a list of
+    ``projections`` is any pytree whose leaves end in ``[..., D_student, D_teacher]`` (a list of
     ``{'kernel': [D, D]}``, a stacked ``[L, D, D]`` kernel, or Adam moments of either); leaves
-    of other shapes (counts) are returned unchanged.
+    of other shapes (counts) are returned unchanged. The student side (axis -2) always loses the
+    pruned dims; the teacher side (axis -1) too when ``teacher_side`` (a teacher that shares the
+    pruned backbone), not for a teacher that keeps the unpruned one.
     """
     keep = np.asarray(hidden_keep, bool)
     idx = jnp.asarray(np.flatnonzero(keep))
     d = keep.shape[0]
 
     def fn(x):
-        if jnp.ndim(x) >= 2 and x.shape[-2:] == (d, d):
-            return jnp.take(jnp.take(x, idx, axis=-1), idx, axis=-2)
+        if jnp.ndim(x) >= 2 and x.shape[-2] == d and (x.shape[-1] == d or not teacher_side):
+            x = jnp.take(x, idx, axis=-2)
+            return jnp.take(x, idx, axis=-1) if teacher_side else x
         return x
 
     return jax.tree.map(fn, projections)

@@ -79,8 +79,10 @@ RESUME_FIELDS = (
     'model.name_or_path', 'train.steps', 'lora.rank', 'lora.targets', 'prune.target_density',
     'prune.num_pruning_steps', 'prune.prune_start_fraction', 'prune.prune_end_fraction',
     'prune.init_rank', 'prune.max_rank', 'prune.tuning_growth', 'prune.compaction',
-    'prune.count_embeddings', 'prune.distill', 'prune.hidden_weight',
+    'prune.count_embeddings', 'prune.distill', 'prune.hidden_weight', 'prune.teacher',
 )
+TEACHERS = ('snapshot', 'dense')
+DENSE_TEACHER_KEYS = ('teacher', 'teacher_rank', 'teacher_rest')
 
 
 @config_lib.register_prune('apt')
@@ -110,6 +112,12 @@ class AptCfg(config_lib.PruneCfg):
     # encoders, 0 for causal LMs: a LLaMA-family residual stream carries massive activations
     # (SmolLM2's mean square is ~5e3), so the raw MSE would swamp the task loss.
     hidden_weight: float | None = None
+    # The self-distillation teacher. 'snapshot': the current (compacted) frozen backbone with the
+    # student's trainable params as of the last pruning step (APT's shared backbone; after the
+    # last pruning step it equals the student). 'dense': the unpruned backbone with the
+    # student's trainable params as of the start of the pruning window, kept for the whole run
+    # (one more copy of the frozen backbone in the optimizer state).
+    teacher: str = 'snapshot'
     compaction: bool = True
     count_embeddings: bool = False
     outlier: bool | None = None  # kurtosis outlier term; None = on for causal LMs
@@ -139,6 +147,8 @@ class AptCfg(config_lib.PruneCfg):
             )
         if self.tuning_growth < 1:
             raise ValueError(f'prune.tuning_growth={self.tuning_growth} must be >= 1')
+        if self.teacher not in TEACHERS:
+            raise ValueError(f'prune.teacher={self.teacher!r} must be one of {TEACHERS}')
         if self.hidden_weight is not None and self.hidden_weight < 0:
             raise ValueError(
                 f'prune.hidden_weight={self.hidden_weight} must be >= 0 (0 = logit KL only)')
@@ -255,6 +265,13 @@ def _prune_tree(tree: Any, keep: dict[Key, np.ndarray], structures: Any) -> Any:
     return jax.jit(lambda t: surgery.prune_like(t, keep, structures))(tree)
 
 
+def _same_shapes(a: Any, b: Any) -> bool:
+    """Same tree structure and leaf shapes (trace-time check)."""
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    return ta == tb and all(jnp.shape(x) == jnp.shape(y) for x, y in zip(la, lb))
+
+
 def _field(run_cfg: Any, dotted: str) -> Any:
     value = run_cfg
     for name in dotted.split('.'):
@@ -318,6 +335,14 @@ class AptMethod:
         self.hidden_weight = (cfg.hidden_weight if cfg.hidden_weight is not None
                               else 0.0 if self.task == 'causal_lm' else 1.0)
         self.hidden = cfg.distill and self.hidden_weight > 0
+        # The dense teacher (prune.teacher=dense): its graphdef and frozen backbone are taken
+        # from the unpruned model in ``prepare_model``; its trainable params follow the student
+        # until the pruning window opens (``distill_start``) and are frozen from then on.
+        self.dense_teacher = cfg.distill and cfg.teacher == 'dense'
+        self.distill_begin = apt_schedules.distill_start(self.steps)
+        self.teacher_graphdef = None
+        self._teacher_trainable = self._teacher_rest = None  # abstract
+        self._teacher_rest_values = None  # the unpruned backbone, until copied into the state
         self._set_arch(self.arch, rank=run_cfg.lora.rank)
         self.budget_base = _budget.total_prunable_params(self.budget_structures, self.shapes)
         self.initial_params = models.param_count(self.arch)
@@ -356,6 +381,40 @@ class AptMethod:
 
     # ---- Method hooks --------------------------------------------------------------------
 
+    def prepare_model(self, model: nnx.Module) -> nnx.Module:
+        """Keeps the unpruned model's graphdef and frozen backbone for ``prune.teacher=dense``."""
+        from jaxprune.train import _factory, _loop
+
+        if not self.dense_teacher:
+            return model
+        graphdef, trainable, rest = nnx.split(model, _loop.trainable_filter(self.run_cfg), ...)
+        dtype = _factory.dtype(self.run_cfg.model.param_dtype)
+        self.teacher_graphdef = graphdef
+        self._teacher_trainable = jax.tree.map(  # the loop's param_dtype, as the trainable
+            lambda x: jax.ShapeDtypeStruct(
+                x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
+            trainable)
+        self._teacher_rest = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rest)
+        self._teacher_rest_values = rest
+        return model
+
+    def _dense_teacher_init(self, params: Any, ranks: dict) -> dict[str, Any]:
+        if self.teacher_graphdef is None:
+            raise ValueError(
+                'prune.teacher=dense needs the unpruned model: build the run with '
+                'jaxprune.train (its setup calls AptMethod.prepare_model before the split)')
+        zeros = lambda x: jnp.zeros(x.shape, x.dtype)  # noqa: E731
+        if _same_shapes(params, self._teacher_trainable):  # a fresh run: the student itself
+            teacher, t_ranks = jax.tree.map(jnp.copy, params), dict(ranks)
+        else:  # a restore target at pruned shapes: the checkpoint fills the values in
+            teacher = jax.tree.map(zeros, self._teacher_trainable)
+            t_ranks = {
+                p: (jnp.arange(ab['lora_a'].shape[-1]) < self.init_rank).astype(jnp.float32)
+                for p, ab in _grow.adapters(_pure(self._teacher_trainable)).items()
+            }
+        return {'teacher': teacher, 'teacher_rank': t_ranks,
+                'teacher_rest': jax.tree.map(zeros, self._teacher_rest)}
+
     def transforms(self, trainable: Any) -> tuple[optax.GradientTransformation, ...]:
         del trainable
         return (self.transform(),)
@@ -376,9 +435,13 @@ class AptMethod:
                 'teacher': jax.tree.map(jnp.copy, params),
                 'mu': jnp.zeros((), jnp.float32),
             }
+            if self.dense_teacher:
+                masks.update(self._dense_teacher_init(params, ranks))
             if self.hidden:
                 d, n = self.arch.hidden_size, self.arch.num_layers
-                proj = {'kernel': jnp.tile(jnp.eye(d, dtype=jnp.float32)[None], (n, 1, 1))}
+                # [student D, teacher D]: a dense teacher keeps the unpruned hidden size.
+                d_t = self.initial_arch.hidden_size if self.dense_teacher else d
+                proj = {'kernel': jnp.tile(jnp.eye(d, d_t, dtype=jnp.float32)[None], (n, 1, 1))}
                 masks['hidden_proj'] = proj
                 masks['hidden_proj_opt'] = _proj_adam_init(proj)
             ema = {p: jnp.zeros_like(m) for p, m in ranks.items()}
@@ -400,6 +463,13 @@ class AptMethod:
                 }
             mu = self.mu(inner.count) if self.cfg.distill else jnp.zeros((), jnp.float32)
             masks = {**state.masks, 'units': inner.masks, 'mu': jnp.asarray(mu, jnp.float32)}
+            if self.dense_teacher and params is not None and _same_shapes(
+                    params, masks['teacher']):  # trace time: false once surgery changed shapes
+                # The teacher follows the student until the pruning window opens.
+                take = state.prune_count < self.distill_begin
+                masks['teacher'], masks['teacher_rank'] = jax.tree.map(
+                    lambda x, t: jnp.where(take, x, t),
+                    (params, state.masks['rank']), (masks['teacher'], masks['teacher_rank']))
             if proj_grads is not None and 'hidden_proj' in masks:
                 masks['hidden_proj'], masks['hidden_proj_opt'] = _proj_adam_step(
                     self.run_cfg.train, proj_grads, masks['hidden_proj'],
@@ -432,7 +502,12 @@ class AptMethod:
 
         del rng
         model_masks = self.model_masks(masks)
-        teacher_masks = self.model_masks({'units': {}, 'rank': masks['rank']})
+        if self.dense_teacher:
+            t_graphdef, t_rest = self.teacher_graphdef, masks['teacher_rest']
+            teacher_masks = self.model_masks({'units': {}, 'rank': masks['teacher_rank']})
+        else:
+            t_graphdef, t_rest = graphdef, rest
+            teacher_masks = self.model_masks({'units': {}, 'rank': masks['rank']})
         ids, am, labels = batch['input_ids'], batch.get('attention_mask'), batch['labels']
         taps = _llama.make_taps(self.arch, *ids.shape)
         mu = masks['mu']
@@ -441,7 +516,7 @@ class AptMethod:
             return model(ids, **kw) if am is None else model(ids, am, **kw)
 
         def teacher_out():
-            teacher = nnx.merge(graphdef, masks['teacher'], rest)
+            teacher = nnx.merge(t_graphdef, masks['teacher'], t_rest)
             out = call(teacher, masks=teacher_masks, output_hidden_states=self.hidden)
             return jax.lax.stop_gradient(out)
 
@@ -499,6 +574,8 @@ class AptMethod:
     def on_step_end(self, step: int, state: train_lib.LoopState) -> train_lib.LoopState:
         """At a pruning step: compaction, rank growth, teacher refresh; then the loop re-jits."""
         opt_state = state.state.opt_state
+        if self._teacher_rest_values is not None:
+            state = self._fill_teacher_rest(state)
         count = int(optax.tree.get(opt_state, 'prune_count'))
         if count in self.steps and count not in self.pruned_at:
             self.pruned_at.append(count)
@@ -506,6 +583,23 @@ class AptMethod:
         if step == self.run_cfg.train.steps and self.cfg.export_dir:
             self.export(state, pathlib.Path(self.run_cfg.run_dir) / self.cfg.export_dir)
         return state
+
+    def _fill_teacher_rest(self, state: train_lib.LoopState) -> train_lib.LoopState:
+        """Copies the unpruned backbone into the state's ``teacher_rest`` (once per process).
+
+        Done after the first step rather than in ``init`` so that the backbone is an argument of
+        the jitted step, not a constant captured by it; the teacher is not run before the
+        pruning window opens (``mu == 0``). A resumed run overwrites the checkpoint's copy with
+        the same values, rebuilt from ``model.name_or_path``.
+        """
+        opt_state = state.state.opt_state
+        masks = optax.tree.get(opt_state, 'masks')
+        rest = jax.tree.map(lambda x, old: jax.device_put(jnp.array(x, copy=True), old.sharding),
+                            self._teacher_rest_values, masks['teacher_rest'])
+        self._teacher_rest_values = None
+        opt_state = optax.tree.set(opt_state, masks={**masks, 'teacher_rest': rest})
+        return train_lib.LoopState(
+            state.graphdef, state.state._replace(opt_state=opt_state), state.rest)
 
     # ---- resumption (outside jit) --------------------------------------------------------
 
@@ -637,8 +731,12 @@ class AptMethod:
         t0 = time.perf_counter()
         ts = state.state
         opt_state = ts.opt_state
-        masks = optax.tree.get(opt_state, 'masks')
+        masks = dict(optax.tree.get(opt_state, 'masks'))
         keep = {k: np.asarray(v) > 0 for k, v in masks['units'].items()}
+        # The teacher stays out of the surgery and the rank growth: a dense teacher keeps its
+        # shapes, a snapshot teacher is taken afresh below.
+        held = {k: masks.pop(k) for k in DENSE_TEACHER_KEYS if k in masks}
+        opt_state = optax.tree.set(opt_state, masks=masks)
         model = nnx.merge(state.graphdef, ts.trainable, state.rest)
         before = self._logits(model, masks) if self.cfg.check_compaction else None
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -659,7 +757,8 @@ class AptMethod:
         masks = optax.tree.get(opt_state, 'masks')
         if self.cfg.compaction and 'hidden_proj' in masks:
             hk = keep[('hidden', None)]
-            masks = {**masks, **{k: _apt.prune_projections(masks[k], hk)
+            both = not self.dense_teacher  # a dense teacher keeps every hidden dim
+            masks = {**masks, **{k: _apt.prune_projections(masks[k], hk, teacher_side=both)
                                  for k in ('hidden_proj', 'hidden_proj_opt')}}
         ranks, rank_ema = masks['rank'], optax.tree.get(opt_state, 'rank_ema')
         bucket = self.bucket
@@ -676,7 +775,9 @@ class AptMethod:
         graphdef, trainable, rest = nnx.split(model, _loop.trainable_filter(self.run_cfg), ...)
         dtypes = jax.tree.map(lambda x: x.dtype, ts.trainable)
         trainable = jax.tree.map(lambda x, d: x.astype(d), trainable, dtypes)
-        new_masks = {**masks, 'rank': ranks, 'teacher': jax.tree.map(jnp.copy, trainable)}
+        new_masks = {**masks, 'rank': ranks}
+        new_masks.update(held if self.dense_teacher
+                         else {'teacher': jax.tree.map(jnp.copy, trainable)})
         opt_state = optax.tree.set(opt_state, masks=new_masks, rank_ema=rank_ema)
         self.surgeries.append({
             'count': int(count),

@@ -129,14 +129,22 @@ def tuning_growth(
     )
 
 
+def distill_start(steps: Sequence[int]) -> int:
+    """The update count where the pruning window opens: :func:`distill_weight` rises from here.
+
+    One pruning interval before the first pruning step (``0`` with a single pruning step).
+    """
+    if not steps:
+        raise ValueError(f'{steps=} must contain at least one pruning step')
+    return 0 if len(steps) == 1 else max(2 * steps[0] - steps[1], 0)
+
+
 def distill_weight(steps: Sequence[int], *, final: float = 1.0) -> optax.Schedule:
     r"""Self-distillation weight :math:`\mu` rising linearly 0 -> ``final`` over the pruning window.
 
     The loss is :math:`\mu L_\mathrm{distill} + (1 - \mu) L_\mathrm{task}` (APT Sec. 4.4).
     """
-    if not steps:
-        raise ValueError(f'{steps=} must contain at least one pruning step')
-    begin = 0 if len(steps) == 1 else max(2 * steps[0] - steps[1], 0)
+    begin = distill_start(steps)
     return optax.linear_schedule(
         init_value=0.0,
         end_value=final,

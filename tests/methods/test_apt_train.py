@@ -50,6 +50,8 @@ def test_apt_cfg_registered_and_validates():
         config.load_config(APT_TINY, ['prune.beta=1.5'])
     with pytest.raises(ValueError, match='unknown config key'):
         config.load_config(APT_TINY, ['prune.pruning_stepz=3'])
+    with pytest.raises(ValueError, match=r"prune.teacher='dence' must be one of"):
+        config.load_config(APT_TINY, ['prune.teacher=dence'])
 
 
 def test_budget_structures_matches_reference():
@@ -246,6 +248,76 @@ def test_pruning_step_compacted_equals_masked(tmp_path, seed):
     assert max(ranks.values()) <= cfg.prune.max_rank
 
 
+def test_dense_teacher_keeps_the_unpruned_model(tmp_path):
+    """prune.teacher=dense: the unpruned backbone + the student's params as of the window start,
+    untouched by surgery; the distillation terms against it match a plain computation."""
+    cfg = _cfg(tmp_path, 'train.steps=24', 'prune.num_pruning_steps=2', 'prune.teacher=dense',
+               'prune.prune_start_fraction=0.5', 'prune.hidden_weight=0.7')
+    s = _loop.setup(cfg)
+    method = s.method
+    begin = method.distill_begin
+    assert 0 < begin < method.steps[0]
+    masks = optax.tree.get(s.state.opt_state, 'masks')
+    assert all(not np.any(x) for x in jax.tree.leaves(masks['teacher_rest']))
+    # After the first step the state holds a copy of the unpruned backbone.
+    ls = method.on_step_end(1, _method.LoopState(s.graphdef, s.state, s.rest))
+    masks = optax.tree.get(ls.state.opt_state, 'masks')
+    jax.tree.map(np.testing.assert_array_equal, masks['teacher_rest'], s.rest)
+    # The teacher follows the student before the window opens, and is frozen from then on.
+    tx = method.transform()
+    moved = jax.tree.map(lambda x: x + 1.0, s.state.trainable)
+    zeros = {k: jnp.zeros_like(v) for k, v in masks['units'].items()}
+    st = tx.init(s.state.trainable)
+    for count, want in ((begin - 1, moved), (begin, st.masks['teacher'])):
+        _, new = tx.update(moved, st._replace(prune_count=jnp.int32(count)), moved,
+                           salience=zeros)
+        jax.tree.map(np.testing.assert_array_equal, new.masks['teacher'], want)
+    # A pruning step leaves the teacher alone; the projections lose only student-side dims.
+    key = (jax.random.key(i) for i in itertools.count())
+    keep = _random_keep(method.structures, 3)
+    d = method.arch.hidden_size
+    keep[('hidden', None)] = np.arange(d) % 3 != 0
+    proj = jax.random.normal(next(key), masks['hidden_proj']['kernel'].shape)
+    teacher = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(key), x.shape),
+                           masks['teacher'])
+    opt_state = optax.tree.set(ls.state.opt_state, masks={
+        **masks, 'units': {k: jnp.asarray(v, jnp.float32) for k, v in keep.items()},
+        'hidden_proj': {'kernel': proj}, 'teacher': teacher})
+    ts = ls.state._replace(opt_state=opt_state, trainable=jax.tree.map(
+        lambda x: x + 0.05 * jax.random.normal(next(key), x.shape, x.dtype), ls.state.trainable))
+    new = method.pruning_step(method.steps[0], _method.LoopState(ls.graphdef, ts, ls.rest))
+    nm = optax.tree.get(new.state.opt_state, 'masks')
+    jax.tree.map(np.testing.assert_array_equal, nm['teacher'], teacher)
+    jax.tree.map(np.testing.assert_array_equal, nm['teacher_rest'], s.rest)
+    jax.tree.map(np.testing.assert_array_equal, nm['teacher_rank'], masks['teacher_rank'])
+    idx = np.flatnonzero(keep[('hidden', None)])
+    assert method.arch.hidden_size == len(idx) < d
+    np.testing.assert_array_equal(nm['hidden_proj']['kernel'], np.asarray(proj)[:, idx, :])
+    # Distillation terms of the compacted student against the dense teacher.
+    nm = {**nm, 'mu': jnp.float32(0.4)}
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 200, (3, 7)), jnp.int32)
+    am = jnp.asarray([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4], jnp.int32)
+    batch = {'input_ids': ids, 'attention_mask': am, 'labels': jnp.asarray([0, 1, 1])}
+    (loss, aux), _, _ = method.value_and_grad(
+        None, new.state.trainable, new.rest, batch, nm, None, graphdef=new.graphdef)
+    student = nnx.merge(new.graphdef, new.state.trainable, new.rest)
+    ls_, hs = student(ids, am, masks=method.model_masks(nm), output_hidden_states=True)
+    dense = nnx.merge(method.teacher_graphdef, teacher, s.rest)
+    lt, ht = dense(ids, am, masks=method.model_masks({'units': {}, 'rank': nm['teacher_rank']}),
+                   output_hidden_states=True)
+    assert hs[0].shape[-1] == len(idx) and ht[0].shape[-1] == d
+    t = cfg.prune.temperature
+    pt = jax.nn.softmax(lt / t)
+    kl = np.mean(np.sum(pt * (jnp.log(pt) - jax.nn.log_softmax(ls_ / t)), -1)) * t * t
+    w = np.asarray(am, np.float64)
+    mse = np.mean([np.sum(np.mean((a @ k - b) ** 2, -1) * w) / w.sum()
+                   for a, b, k in zip(hs, ht, nm['hidden_proj']['kernel'], strict=True)])
+    assert kl > 1e-4
+    np.testing.assert_allclose(aux['kl'], kl, rtol=1e-4)
+    np.testing.assert_allclose(aux['hidden_mse'], mse, rtol=1e-4)
+    np.testing.assert_allclose(loss, 0.4 * (kl + 0.7 * mse) + 0.6 * aux['ce'], rtol=1e-4)
+
+
 @pytest.fixture(scope='module')
 def cli_run(tmp_path_factory):
     from jaxprune import cli
@@ -299,12 +371,11 @@ def _prune_randomly(s, ls, count, seed):
     return method.pruning_step(count, _method.LoopState(ls.graphdef, ts, ls.rest))
 
 
-@pytest.fixture(scope='module')
-def pruned_ckpt(tmp_path_factory):
+def _pruned_ckpt(run_dir, *extra):
     """Both pruning steps (random cuts, rank growth, bucket resize) saved as the loop saves."""
-    cfg = _cfg(tmp_path_factory.mktemp('apt_pruned'), *PRUNED)
+    cfg = _cfg(run_dir, *PRUNED, *extra)
     s = _loop.setup(cfg)
-    ls = _method.LoopState(s.graphdef, s.state, s.rest)
+    ls = s.method.on_step_end(1, _method.LoopState(s.graphdef, s.state, s.rest))
     for seed, count in enumerate(s.method.steps):
         ls = _prune_randomly(s, ls, count, seed)
         s.method.pruned_at.append(count)  # as on_step_end does
@@ -314,8 +385,16 @@ def pruned_ckpt(tmp_path_factory):
     return cfg, s
 
 
-def test_restore_rebuilds_the_compacted_model_exactly(pruned_ckpt):
-    cfg, live = pruned_ckpt
+@pytest.fixture(scope='module')
+def pruned_ckpt(tmp_path_factory):
+    return _pruned_ckpt(tmp_path_factory.mktemp('apt_pruned'))
+
+
+@pytest.mark.parametrize('teacher', ['snapshot', 'dense'])
+def test_restore_rebuilds_the_compacted_model_exactly(pruned_ckpt, tmp_path, teacher):
+    # The dense teacher keeps the unpruned shapes in the state: the restore target has them too.
+    cfg, live = pruned_ckpt if teacher == 'snapshot' else _pruned_ckpt(
+        tmp_path, 'prune.teacher=dense')
     s = _loop.setup(cfg)
     with _loop._checkpointer(cfg) as ck:
         step, meta = _loop._restore(s, ck)
@@ -329,6 +408,9 @@ def test_restore_rebuilds_the_compacted_model_exactly(pruned_ckpt):
     # State from the checkpoint; the frozen backbone replayed from the original weights, bit-exact.
     jax.tree.map(np.testing.assert_array_equal, s.state, live.state)
     jax.tree.map(np.testing.assert_array_equal, s.rest, live.rest)
+    if teacher == 'dense':  # the unpruned backbone came back from the checkpoint
+        t_rest = optax.tree.get(s.state.opt_state, 'masks')['teacher_rest']
+        jax.tree.map(np.testing.assert_array_equal, t_rest, _loop.setup(cfg).rest)
     batch = m._probe()
 
     def logits(x):
@@ -364,7 +446,8 @@ def test_surgery_output_is_resharded_on_the_mesh(tmp_path):
 
 
 @pytest.mark.parametrize('override', [
-    'prune.num_pruning_steps=3', 'prune.max_rank=32', 'train.steps=16', 'lora.rank=16'])
+    'prune.num_pruning_steps=3', 'prune.max_rank=32', 'train.steps=16', 'lora.rank=16',
+    'prune.teacher=dense'])
 def test_restore_with_changed_shape_setting_names_the_field(pruned_ckpt, override):
     cfg, _ = pruned_ckpt
     s = _loop.setup(_cfg(cfg.run_dir, *PRUNED, override))
@@ -497,3 +580,25 @@ def test_resume_falls_back_past_a_corrupt_step_to_other_shapes(crashed, uninterr
     for k in ('kept_heads', 'kept_mlp', 'hidden', 'lora_ranks', 'lora_bucket', 'recompiles'):
         assert prunes[2][k] == prunes[1][k], k  # the same cut and growth as before the crash
     _assert_same_run(run, ref_run, final, ref_final)
+
+
+DENSE = ('prune.teacher=dense', 'prune.prune_start_fraction=0.25')  # window opens at count 3
+
+
+@pytest.mark.slow
+def test_resume_with_the_dense_teacher_equals_uninterrupted_run(tmp_path):
+    """The dense teacher (unpruned backbone + params frozen at count 3) survives a crash after
+    two pruning steps: the resumed run's losses equal the uninterrupted run's."""
+    ref_run = tmp_path / 'ref'
+    ref_final = _loop.train(_resume_cfg(ref_run, *DENSE), progress=False)
+    run = tmp_path / 'crash'
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_loop, '_checkpointer', _crash_after(8))
+        with pytest.raises(_Crash):
+            _loop.train(_resume_cfg(run, *DENSE), progress=False)
+    final = _loop.train(_resume_cfg(run, *DENSE), progress=False)
+    assert [e['step'] for e in _events(run, 'resume')] == [8]
+    assert len(_events(run, 'prune')) == 3 and _events(run, 'prune')[0]['prune_count'] > 3
+    assert any(e['kl'] > 0 for e in _events(run, 'train'))  # the teacher was really used
+    _assert_same_run(run, ref_run, final, ref_final)
+
