@@ -24,11 +24,14 @@ Training-loop integration (what ``jaxprune.train`` runs; pruning steps are outsi
    1`` compilations (a rank-bucket resize adds one more when ranks outgrow the bucket).
 3. After the last pruning step training continues (recovery) with ``mu`` held at its final value.
 
-Self-distillation: the teacher is the *same frozen backbone* (shared, so no copy) with a snapshot
-of the student's LoRA factors taken at the last pruning step, run without masks. It differs
-from the student only in the adapters and in what the student's soft masks are removing. The
+Self-distillation, two teachers (``prune.teacher``). ``'snapshot'``: the *same frozen backbone*
+(shared, so no copy) with a snapshot of the student's LoRA factors taken at the last pruning
+step, run without masks; it differs from the student only in the adapters and in what the
+student's soft masks are removing, and equals the student right after each pruning step.
+``'dense'``: the unpruned frozen backbone (one more copy, in the optimizer state) with the
+student's trainable params as of the start of the pruning window, never pruned. The
 distillation loss is the temperature KL of the logits plus the layer-wise hidden MSE through a
-trainable ``[D, D]`` projection per layer pair (identity init), reusing
+trainable ``[D_student, D_teacher]`` projection per layer pair (identity init), reusing
 ``jaxprune.methods._distill``.
 
 Deliberate deviations from the reference code: masks live in the optimizer state; the teacher

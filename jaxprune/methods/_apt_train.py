@@ -15,7 +15,8 @@ What one run does (``jaxprune train configs/apt_minilm_rotten_tomatoes.yaml``):
 
 State. Everything the jitted step needs lives in the optimizer state under the single field
 ``masks`` (``{'units', 'rank', 'teacher', 'mu'}`` plus ``'hidden_proj'``/``'hidden_proj_opt'``
-when the hidden distillation is on), so the loop's ``prepare``/``value_and_grad``
+when the hidden distillation is on, ``'teacher_rank'``/``'teacher_rest'`` for the dense
+teacher), so the loop's ``prepare``/``value_and_grad``
 hooks (which receive ``masks``) see the LoRA rank masks, the teacher snapshot and ``mu``, and all
 of it is checkpointed with the optimizer state.
 
@@ -37,8 +38,13 @@ Deliberate deviations from the paper / reference code:
   by the reference code's dynamic layer matching. For causal LMs the hidden term is off unless
   ``hidden_weight`` is set: their residual streams carry massive activations (mean square ~5e3
   on SmolLM2-135M), so the raw MSE swamps the task loss (measured: gradient norm 15x).
-* The teacher is the current (compacted) frozen backbone without masks plus a snapshot of the
-  trainable parameters taken at the last pruning step (see ``methods._apt`` module docstring).
+* The teacher (``prune.teacher``): ``snapshot`` = the current (compacted) frozen backbone
+  without masks plus a snapshot of the trainable parameters taken at the last pruning step (see
+  ``methods._apt`` module docstring); ``dense`` = the unpruned frozen backbone plus the
+  trainable parameters as of the window start, fixed for the run (not refreshed on eval
+  improvement as in the paper: after surgery the student cannot be copied into it). The dense
+  backbone lives in the ``masks`` state as ``teacher_rest`` (checkpointed; replicated on a mesh,
+  since the sharding rules derive optimizer-state layouts from the trainable params).
 * The density budget counts encoder/decoder block parameters (embeddings and the LM head are left
   out, ``count_embeddings=False``), so ``target_density`` is the fraction of block parameters.
 * The soft-mask step defaults to ``1 / (steps between pruning steps)`` so a mask can travel from 1
@@ -160,7 +166,9 @@ class AptTrainState(NamedTuple):
     Attributes:
       prune_count: ``i32[]`` updates applied (pruning steps compare against it).
       masks: ``{'units': {(kind, layer): f32[size]}, 'rank': {module_path: f32[R]},
-        'teacher': trainable-shaped snapshot, 'mu': f32[]}``.
+        'teacher': trainable-shaped snapshot, 'mu': f32[]}``; plus ``'hidden_proj'`` and
+        ``'hidden_proj_opt'`` (layer-wise distillation) and, for the dense teacher,
+        ``'teacher_rank'`` (its LoRA rank masks) and ``'teacher_rest'`` (its frozen backbone).
       alive: ``{(kind, layer): bool[size]}`` units not yet hard-pruned.
       salience_ema: ``{(kind, layer): f32[size]}`` EMA of the APT salience.
       rank_ema: ``{module_path: f32[R]}`` EMA of the LoRA rank salience.
