@@ -221,9 +221,15 @@ def apt_loss(
     return loss, {'task': task_loss, 'kl': kl, 'hidden': hidden, 'distill': distill}
 
 
-def init_projections(num_pairs: int, hidden_size: int, dtype: Any = jnp.float32) -> list[dict]:
-    """Identity-initialised ``[D, D]`` projections for the layer-wise distillation MSE."""
-    return [{'kernel': jnp.eye(hidden_size, dtype=dtype)} for _ in range(num_pairs)]
+def init_projections(num_pairs: int, hidden_size: int, dtype: Any = jnp.float32, *,
+                     teacher_size: int | None = None) -> list[dict]:
+    """Identity-initialised ``[D, D_teacher]`` projections for the layer-wise distillation MSE.
+
+    ``teacher_size`` (default ``hidden_size``) is the teacher's hidden size, larger than the
+    student's for an unpruned teacher after hidden dims were pruned.
+    """
+    d_t = hidden_size if teacher_size is None else teacher_size
+    return [{'kernel': jnp.eye(hidden_size, d_t, dtype=dtype)} for _ in range(num_pairs)]
 
 
 def prune_projections(projections: Any, hidden_keep: Any, *, teacher_side: bool = True) -> Any:

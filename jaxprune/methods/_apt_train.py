@@ -449,7 +449,8 @@ class AptMethod:
                 d, n = self.arch.hidden_size, self.arch.num_layers
                 # [student D, teacher D]: a dense teacher keeps the unpruned hidden size.
                 d_t = self.initial_arch.hidden_size if self.dense_teacher else d
-                proj = {'kernel': jnp.tile(jnp.eye(d, d_t, dtype=jnp.float32)[None], (n, 1, 1))}
+                proj = {'kernel': jnp.stack([  # one stacked [L, D, D_t] kernel
+                    p['kernel'] for p in _apt.init_projections(n, d, teacher_size=d_t)])}
                 masks['hidden_proj'] = proj
                 masks['hidden_proj_opt'] = _proj_adam_init(proj)
             ema = {p: jnp.zeros_like(m) for p, m in ranks.items()}

@@ -52,6 +52,13 @@ def test_prune_projections_and_teacher_snapshot():
     proj = [{'kernel': jnp.arange(16.0).reshape(4, 4)}]
     got = _apt.prune_projections(proj, np.array([1, 0, 1, 0], bool))
     np.testing.assert_array_equal(got[0]['kernel'], [[0.0, 2.0], [8.0, 10.0]])
+    # An unpruned teacher keeps its side: rows (student dims) only, twice in a row.
+    once = _apt.prune_projections(proj, np.array([1, 0, 1, 1], bool), teacher_side=False)
+    np.testing.assert_array_equal(once[0]['kernel'], np.arange(16.0).reshape(4, 4)[[0, 2, 3]])
+    twice = _apt.prune_projections(once, np.array([0, 1, 1], bool), teacher_side=False)
+    np.testing.assert_array_equal(twice[0]['kernel'], np.arange(16.0).reshape(4, 4)[[2, 3]])
+    np.testing.assert_array_equal(_apt.init_projections(1, 2, teacher_size=3)[0]['kernel'],
+                                  np.eye(2, 3))
     params = {'q': {'kernel': jnp.ones(2), 'lora_a': jnp.ones(2), 'lora_b': jnp.zeros(2)}}
     snap = _apt.teacher_snapshot(params)
     assert snap['q']['kernel'] is None
