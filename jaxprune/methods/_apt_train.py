@@ -88,7 +88,7 @@ RESUME_FIELDS = (
     'prune.count_embeddings', 'prune.distill', 'prune.hidden_weight', 'prune.teacher',
 )
 TEACHERS = ('snapshot', 'dense')
-DENSE_TEACHER_KEYS = ('teacher', 'teacher_rank', 'teacher_rest')
+TEACHER_KEYS = ('teacher', 'teacher_rank', 'teacher_rest')
 
 
 @config_lib.register_prune('apt')
@@ -391,6 +391,7 @@ class AptMethod:
 
     def prepare_model(self, model: nnx.Module) -> nnx.Module:
         """Keeps the unpruned model's graphdef and frozen backbone for ``prune.teacher=dense``."""
+        from jaxprune import sharding
         from jaxprune.train import _factory, _loop
 
         if not self.dense_teacher:
@@ -402,24 +403,28 @@ class AptMethod:
             lambda x: jax.ShapeDtypeStruct(
                 x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
             trainable)
-        self._teacher_rest = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rest)
+        self._teacher_rest = sharding.abstract_like(rest)
         self._teacher_rest_values = rest
         return model
+
+    def _initial_ranks(self, params: Any) -> dict[tuple[Any, ...], jax.Array]:
+        """LoRA rank masks at the start: the first ``init_rank`` rows of every adapter's bucket."""
+        return {
+            p: (jnp.arange(ab['lora_a'].shape[-1]) < self.init_rank).astype(jnp.float32)
+            for p, ab in _grow.adapters(_pure(params)).items()
+        }
 
     def _dense_teacher_init(self, params: Any, ranks: dict) -> dict[str, Any]:
         if self.teacher_graphdef is None:
             raise ValueError(
                 'prune.teacher=dense needs the unpruned model: build the run with '
                 'jaxprune.train (its setup calls AptMethod.prepare_model before the split)')
-        zeros = lambda x: jnp.zeros(x.shape, x.dtype)  # noqa: E731
+        zeros = lambda x: jnp.zeros(x.shape, x.dtype)
         if _same_shapes(params, self._teacher_trainable):  # a fresh run: the student itself
             teacher, t_ranks = jax.tree.map(jnp.copy, params), dict(ranks)
         else:  # a restore target at pruned shapes: the checkpoint fills the values in
             teacher = jax.tree.map(zeros, self._teacher_trainable)
-            t_ranks = {
-                p: (jnp.arange(ab['lora_a'].shape[-1]) < self.init_rank).astype(jnp.float32)
-                for p, ab in _grow.adapters(_pure(self._teacher_trainable)).items()
-            }
+            t_ranks = self._initial_ranks(self._teacher_trainable)
         return {'teacher': teacher, 'teacher_rank': t_ranks,
                 'teacher_rest': jax.tree.map(zeros, self._teacher_rest)}
 
@@ -433,18 +438,10 @@ class AptMethod:
 
         def init_fn(params):
             inner = self.inner.init(params)
-            ranks = {
-                p: (jnp.arange(ab['lora_a'].shape[-1]) < self.init_rank).astype(jnp.float32)
-                for p, ab in _grow.adapters(_pure(params)).items()
-            }
-            masks = {
-                'units': inner.masks,
-                'rank': ranks,
-                'teacher': jax.tree.map(jnp.copy, params),
-                'mu': jnp.zeros((), jnp.float32),
-            }
-            if self.dense_teacher:
-                masks.update(self._dense_teacher_init(params, ranks))
+            ranks = self._initial_ranks(params)
+            masks = {'units': inner.masks, 'rank': ranks, 'mu': jnp.zeros((), jnp.float32)}
+            masks.update(self._dense_teacher_init(params, ranks) if self.dense_teacher
+                         else {'teacher': jax.tree.map(jnp.copy, params)})
             if self.hidden:
                 d, n = self.arch.hidden_size, self.arch.num_layers
                 # [student D, teacher D]: a dense teacher keeps the unpruned hidden size.
@@ -744,7 +741,7 @@ class AptMethod:
         keep = {k: np.asarray(v) > 0 for k, v in masks['units'].items()}
         # The teacher stays out of the surgery and the rank growth: a dense teacher keeps its
         # shapes, a snapshot teacher is taken afresh below.
-        held = {k: masks.pop(k) for k in DENSE_TEACHER_KEYS if k in masks}
+        held = {k: masks.pop(k) for k in TEACHER_KEYS if k in masks}
         opt_state = optax.tree.set(opt_state, masks=masks)
         model = nnx.merge(state.graphdef, ts.trainable, state.rest)
         before = self._logits(model, masks) if self.cfg.check_compaction else None
