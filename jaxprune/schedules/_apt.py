@@ -41,15 +41,15 @@ def pruning_steps(
         raise ValueError(f'{num_pruning_steps=} must be >= 1')
     if not 0.0 <= start_fraction < end_fraction <= 1.0:
         raise ValueError(f'need 0 <= {start_fraction=} < {end_fraction=} <= 1')
-    start = int(round(start_fraction * total_steps))
-    end = int(round(end_fraction * total_steps))
+    start = round(start_fraction * total_steps)
+    end = round(end_fraction * total_steps)
     if end - start < num_pruning_steps:
         raise ValueError(
             f'pruning window [{start}, {end}) of {total_steps=} is shorter than '
             f'{num_pruning_steps=}; train longer or prune fewer times'
         )
     steps = tuple(
-        int(round(start + (end - start) * (i + 1) / num_pruning_steps))
+        round(start + (end - start) * (i + 1) / num_pruning_steps)
         for i in range(num_pruning_steps)
     )
     return steps
