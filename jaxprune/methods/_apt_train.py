@@ -43,8 +43,8 @@ Deliberate deviations from the paper / reference code:
   ``methods._apt`` module docstring); ``dense`` = the unpruned frozen backbone plus the
   trainable parameters as of the window start, fixed for the run (not refreshed on eval
   improvement as in the paper: after surgery the student cannot be copied into it). The dense
-  backbone lives in the ``masks`` state as ``teacher_rest`` (checkpointed; replicated on a mesh,
-  since the sharding rules derive optimizer-state layouts from the trainable params).
+  backbone lives in the ``masks`` state as ``teacher_rest`` (checkpointed; laid out on a mesh
+  like the frozen backbone, ``sharding.opt_state_shardings(..., rest_shardings=)``).
 * The density budget counts encoder/decoder block parameters (embeddings and the LM head are left
   out, ``count_embeddings=False``), so ``target_density`` is the fraction of block parameters.
 * The soft-mask step defaults to ``1 / (steps between pruning steps)`` so a mask can travel from 1

@@ -138,6 +138,7 @@ def opt_state_shardings(
     params_shardings: Any,
     *,
     rules: _rules.Rules = _rules.DEFAULT_RULES,
+    rest_shardings: Any = None,
 ) -> Any:
     """Shardings for an optimizer state, derived from the parameter shardings.
 
@@ -154,6 +155,10 @@ def opt_state_shardings(
       params_shardings: the output of ``param_shardings`` (or any tree of ``NamedSharding`` with
         the parameter structure).
       rules: rules for the structured-mask fallback.
+      rest_shardings: optional shardings of the model's frozen state (``param_shardings(rest,
+        mesh)``). State leaves that end with one of its key paths take its sharding the same
+        way, so a copy of the frozen backbone kept in the optimizer state (APT's dense
+        teacher) is laid out like the backbone instead of replicated.
 
     Returns:
       A tree like ``opt_state`` with ``NamedSharding`` leaves.
@@ -179,6 +184,9 @@ def opt_state_shardings(
             'build it with param_shardings(params, mesh)'
         )
     mesh = sh_leaves[0][1].mesh
+    if rest_shardings is not None:  # key paths are disjoint: trainable and rest split one model
+        sh_leaves = sh_leaves + jax.tree_util.tree_flatten_with_path(
+            rest_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]
     table = {_strip_value(_path_key(p)): s for p, s in sh_leaves}
     by_len = sorted(table, key=len, reverse=True)
 

@@ -70,7 +70,8 @@ def _shardings(tx, trainable, rest, mesh) -> tuple[_step.TrainState, Any]:
 
     p_sh = sharding.param_shardings(trainable, mesh)
     r_sh = sharding.param_shardings(rest, mesh)
-    o_sh = sharding.opt_state_shardings(jax.eval_shape(tx.init, trainable), p_sh)
+    o_sh = sharding.opt_state_shardings(jax.eval_shape(tx.init, trainable), p_sh,
+                                        rest_shardings=r_sh)
     rep = _replicated(mesh)
     return _step.TrainState(step=rep, trainable=p_sh, opt_state=o_sh, rng=rep, skipped=rep), r_sh
 

@@ -421,14 +421,23 @@ def test_restore_rebuilds_the_compacted_model_exactly(pruned_ckpt, tmp_path, tea
     np.testing.assert_allclose(logits(s), logits(live), rtol=1e-6, atol=0)
 
 
-def test_surgery_output_is_resharded_on_the_mesh(tmp_path):
+@pytest.mark.parametrize('teacher', ['snapshot', 'dense'])
+def test_surgery_output_is_resharded_on_the_mesh(tmp_path, teacher):
     """On a data=2 x fsdp=2 x tensor=2 mesh, the compacted state after a pruning step is laid
-    out by the sharding rules (as a fresh run at the new shapes), and a step still runs."""
+    out by the sharding rules (as a fresh run at the new shapes), and a step still runs. A dense
+    teacher's unpruned backbone (in the optimizer state) is laid out like the backbone."""
     cfg = _cfg(tmp_path, *PRUNED[:-2], 'mesh.data=2', 'mesh.fsdp=2', 'mesh.tensor=2',
-               'prune.check_compaction=false')
+               'prune.check_compaction=false', f'prune.teacher={teacher}')
     s = _loop.setup(cfg)
     assert s.mesh.shape == {'data': 2, 'fsdp': 2, 'tensor': 2}
-    ls = _prune_randomly(s, _method.LoopState(s.graphdef, s.state, s.rest), s.method.steps[0], 0)
+    ls = s.method.on_step_end(1, _method.LoopState(s.graphdef, s.state, s.rest))
+    if teacher == 'dense':
+        unpruned = s.rest
+        t_rest = optax.tree.get(ls.state.opt_state, 'masks')['teacher_rest']
+        for x, y in zip(jax.tree.leaves(t_rest), jax.tree.leaves(unpruned), strict=True):
+            assert x.sharding.is_equivalent_to(y.sharding, x.ndim), (x.shape, x.sharding)
+        assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(t_rest))
+    ls = _prune_randomly(s, ls, s.method.steps[0], 0)
     assert _loop._adopt(s, ls) and s.graphdef is ls.graphdef
     want_state, want_rest = _loop._shardings(s.tx, s.state.trainable, s.rest, s.mesh)
     for got, want in ((s.state, want_state), (s.rest, want_rest)):

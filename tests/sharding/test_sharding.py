@@ -251,6 +251,21 @@ def test_opt_state_shardings_shape_mismatch_replicates():
     assert o_sh['v']['w'].spec == P()
 
 
+def test_opt_state_shardings_copy_of_the_frozen_backbone_follows_rest_shardings():
+    mesh = _mesh.make_mesh(MESH3)
+    p_sh = {'lora_a': NamedSharding(mesh, P(None, 'tensor'))}
+    r_sh = {'up': NamedSharding(mesh, P('fsdp', 'tensor'))}
+    state = {'masks': {'teacher_rest': {'up': jnp.ones((8, 16))},  # a backbone copy
+                       'teacher': {'lora_a': jnp.ones((4, 16))}},
+             'mu': {'lora_a': jnp.ones((4, 16))}}
+    o_sh = _shard.opt_state_shardings(state, p_sh, rest_shardings=r_sh)
+    assert o_sh['masks']['teacher_rest']['up'].spec == P('fsdp', 'tensor')
+    assert o_sh['masks']['teacher']['lora_a'].spec == P(None, 'tensor')
+    assert o_sh['mu']['lora_a'].spec == P(None, 'tensor')
+    # Without the rest shardings the copy is replicated (no parameter path ends like it).
+    assert _shard.opt_state_shardings(state, p_sh)['masks']['teacher_rest']['up'].spec == P()
+
+
 def test_opt_state_shardings_needs_named_shardings():
     with pytest.raises(ValueError, match='param_shardings'):
         _shard.opt_state_shardings({}, {})
