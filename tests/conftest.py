@@ -8,7 +8,7 @@ os.environ['HF_HUB_OFFLINE'] = '1'
 os.environ['HF_DATASETS_OFFLINE'] = '1'
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture

@@ -83,8 +83,7 @@ def split_indices(n: int, *, seed: int, fractions: Sequence[float] = (0.8, 0.1, 
 
 def _write_jsonl(path: pathlib.Path, rows: Sequence[dict]) -> None:
     with open(path, 'w', encoding='utf-8') as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + '\n')
+        f.writelines(json.dumps(row, ensure_ascii=False) + '\n' for row in rows)
 
 
 def _build_rotten_tomatoes(src: pathlib.Path, out: pathlib.Path) -> None:
@@ -105,8 +104,8 @@ def _build_rotten_tomatoes(src: pathlib.Path, out: pathlib.Path) -> None:
     (out / 'info.json').write_text(json.dumps(info, indent=1))
 
 
-_GUTENBERG_START = re.compile(r'^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$', re.M | re.I)
-_GUTENBERG_END = re.compile(r'^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$', re.M | re.I)
+_GUTENBERG_START = re.compile(r'^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$', re.MULTILINE | re.IGNORECASE)
+_GUTENBERG_END = re.compile(r'^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$', re.MULTILINE | re.IGNORECASE)
 
 
 def strip_gutenberg(text: str) -> str:

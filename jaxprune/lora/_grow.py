@@ -138,7 +138,7 @@ def grow_ranks(
         raise ValueError(f'{fraction=} must be in (0, 1]')
     paths = sorted(rank_masks, key=str)
     total = jnp.stack([jnp.sum(salience[p] * rank_masks[p]) for p in paths])
-    n_grow = max(1, int(math.ceil(fraction * len(paths))))
+    n_grow = max(1, math.ceil(fraction * len(paths)))
     chosen = jnp.zeros(len(paths), bool).at[jnp.argsort(-total)[:n_grow]].set(True)
     ab = adapters(params)
     new_masks = {}

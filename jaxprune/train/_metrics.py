@@ -33,7 +33,9 @@ class MetricsLogger:
         self.path = pathlib.Path(run_dir) / 'metrics.jsonl'
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # In a multi-process run only process 0 writes; the others log to nowhere.
-        self._file = self.path.open('a') if jax.process_index() == 0 else open(os.devnull, 'w')
+        # Open for the logger's lifetime (closed in close()), so no context manager.
+        self._file = (self.path.open('a') if jax.process_index() == 0
+                      else open(os.devnull, 'w'))  # noqa: SIM115
         if jax.process_index() != 0:
             progress = False
         self._progress = None

@@ -7,13 +7,13 @@ the owner forwards ``masks=`` to the transforms it wraps. Activation statistics 
 arrive as extra args of ``update``.
 """
 
-from jaxprune.transforms._sparsify import SparsifyState as SparsifyState
-from jaxprune.transforms._sparsify import sparsify as sparsify
-from jaxprune.transforms._decay import MaskedWeightDecayState as MaskedWeightDecayState
-from jaxprune.transforms._decay import masked_weight_decay as masked_weight_decay
 from jaxprune.transforms._apt_masks import AptMaskState as AptMaskState
 from jaxprune.transforms._apt_masks import apt_masks as apt_masks
+from jaxprune.transforms._decay import MaskedWeightDecayState as MaskedWeightDecayState
+from jaxprune.transforms._decay import masked_weight_decay as masked_weight_decay
 from jaxprune.transforms._group_lasso import GroupLassoState as GroupLassoState
 from jaxprune.transforms._group_lasso import group_lasso as group_lasso
 from jaxprune.transforms._group_lasso import lora_shares_fn as lora_shares_fn
 from jaxprune.transforms._group_lasso import prox_group as prox_group
+from jaxprune.transforms._sparsify import SparsifyState as SparsifyState
+from jaxprune.transforms._sparsify import sparsify as sparsify

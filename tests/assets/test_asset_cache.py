@@ -52,15 +52,15 @@ def _copy_build(src: pathlib.Path, out: pathlib.Path) -> None:
 
 
 def _spec(**kw) -> _registry.AssetSpec:
-    base = dict(
-        name='fake',
-        kind='lm',
-        requirement='fakepkg==0.1.0',
-        members=('fakepkg/data/*',),
-        build=_copy_build,
-        license='MIT',
-        description='test',
-    )
+    base = {
+        'name': 'fake',
+        'kind': 'lm',
+        'requirement': 'fakepkg==0.1.0',
+        'members': ('fakepkg/data/*',),
+        'build': _copy_build,
+        'license': 'MIT',
+        'description': 'test',
+    }
     return _registry.AssetSpec(**(base | kw))
 
 
@@ -210,7 +210,7 @@ def test_shakespeare_split_is_disjoint_and_deterministic():
     plays = [f'play_{i:02d}' for i in range(42)]
     split = _registry.shakespeare_split(list(reversed(plays)))
     assert split == _registry.shakespeare_split(plays)
-    assert sorted(sum(split.values(), [])) == plays
+    assert sorted(x for v in split.values() for x in v) == plays
     assert split['validation'] == ['play_04', 'play_14', 'play_24', 'play_34']
     assert split['test'] == ['play_09', 'play_19', 'play_29', 'play_39']
 

@@ -90,7 +90,7 @@ def test_grow_ranks_keeps_function(use_jit):
     masks = _grow.init_rank_masks(params, 2)
     before = _logits(model, config, masks)
     sal = {p: jnp.arange(8.0) * (i + 1) for i, p in enumerate(sorted(masks, key=str))}
-    grow = lambda p, m, s: _grow.grow_ranks(p, m, s, key=jax.random.key(1), factor=2.0)  # noqa
+    grow = lambda p, m, s: _grow.grow_ranks(p, m, s, key=jax.random.key(1), factor=2.0)
     if use_jit:
         grow = jax.jit(grow)
     new_params, new_masks = grow(params, masks, sal)

@@ -10,7 +10,6 @@ import pytest
 from jaxprune.masks import _budget
 from jaxprune.models import _structures as structures_lib
 
-
 Slice = structures_lib.Slice
 Structure = structures_lib.Structure
 
@@ -103,7 +102,7 @@ def test_budget_keep_matches_reference(density, use_jit):
     structs, shapes = toy()
     for seed in range(3):
         scores = _random_scores(structs, seed)
-        fn = lambda sc, rho: _budget.budget_keep(sc, structs, shapes, rho)  # noqa: E731
+        fn = lambda sc, rho: _budget.budget_keep(sc, structs, shapes, rho)
         if use_jit:
             fn = jax.jit(fn)
         keep = fn(scores, jnp.float32(density))

@@ -157,8 +157,8 @@ def test_unit_weight_scores_match_brute_force(kv_heads):
                 'attn_ctx': t['o_proj'] + t['v_proj'], 'attn_out': t['o_proj'],
                 'mlp_in': t['gate_proj'] + t['up_proj'],
                 'mlp': t['gate_proj'] + t['up_proj'] + t['down_proj'], 'mlp_out': t['down_proj']}
-        for n in want:
-            np.testing.assert_allclose(total[n], want[n], rtol=1e-10)
+        for n, expected in want.items():
+            np.testing.assert_allclose(total[n], expected, rtol=1e-10)
 
 
 def test_taylor_prior_cut_groups_only_cuts_those_groups():

@@ -15,7 +15,7 @@ def test_pruning_steps_matches_reference():
 
 
 @pytest.mark.parametrize(
-    'kwargs', [dict(num_pruning_steps=0), dict(end_fraction=0.0), dict(num_pruning_steps=90)]
+    'kwargs', [{'num_pruning_steps': 0}, {'end_fraction': 0.0}, {'num_pruning_steps': 90}]
 )
 def test_pruning_steps_rejects_bad_windows(kwargs):
     with pytest.raises(ValueError):

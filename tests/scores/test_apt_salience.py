@@ -5,9 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune.scores import _apt
 from jaxprune.models import _structures as structures_lib
-
+from jaxprune.scores import _apt
 
 Slice = structures_lib.Slice
 Structure = structures_lib.Structure

@@ -13,7 +13,6 @@ from jaxprune.masks import _budget, _structured
 from jaxprune.models import _bert, _llama, _structures
 from jaxprune.models import _structures as structures_lib
 
-
 Slice = structures_lib.Slice
 Structure = structures_lib.Structure
 

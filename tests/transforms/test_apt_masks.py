@@ -7,10 +7,9 @@ import optax
 import pytest
 
 from jaxprune.masks import _budget
+from jaxprune.models import _structures as structures_lib
 from jaxprune.schedules import _apt as schedules
 from jaxprune.transforms import _apt_masks
-from jaxprune.models import _structures as structures_lib
-
 
 Slice = structures_lib.Slice
 Structure = structures_lib.Structure
@@ -156,7 +155,7 @@ def test_apt_masks_optax_plumbing():
     assert jax.tree.structure(abstract_state) == jax.tree.structure(state)
     grads = jax.tree.map(jnp.ones_like, params)
     step = jax.jit(lambda g, s, p, sal: tx.update(g, s, p, salience=sal))
-    upd, state2 = step(grads, state, params, _salience(structs, 0))
+    _, state2 = step(grads, state, params, _salience(structs, 0))
     assert jax.tree.map(jnp.shape, state2) == jax.tree.map(jnp.shape, state)
     masks = optax.tree.get(state2, 'masks')
     assert set(masks) == {(s.kind, s.layer) for s in structs}
