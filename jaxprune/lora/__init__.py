@@ -15,6 +15,7 @@ from jaxprune.lora._grow import resize_model_ranks as resize_model_ranks
 from jaxprune.lora._grow import resize_ranks as resize_ranks
 from jaxprune.lora._grow import resize_ranks_like as resize_ranks_like
 from jaxprune.lora._grow import tuning_params as tuning_params
+from jaxprune.lora._grow import zero_inactive_ranks as zero_inactive_ranks
 from jaxprune.lora._spec import DEFAULT_TARGETS as DEFAULT_TARGETS
 from jaxprune.lora._spec import LoraSpec as LoraSpec
 from jaxprune.lora._spec import lora_kwargs as lora_kwargs

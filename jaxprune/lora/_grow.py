@@ -278,3 +278,25 @@ def resize_ranks_like(tree: Any, rank_masks: Mapping[Path, jax.Array], bucket: i
         return x
 
     return jax.tree_util.tree_map_with_path(fn, tree)
+
+
+def zero_inactive_ranks(tree: Any, rank_masks: Mapping[Path, jax.Array]) -> Any:
+    """Zero the ``B`` rows of inactive components in every adapter-shaped part of ``tree``.
+
+    Afterwards the adapter's output under any rank mask that contains ``rank_masks`` (e.g. after
+    :func:`grow_ranks`) equals its output under ``rank_masks``. APT uses it for a teacher
+    snapshot that shares the student's rank masks while the student's ranks grow. Leaves are
+    matched like :func:`resize_ranks_like`; other leaves are returned unchanged.
+    """
+    plan = {tuple(p) + ('lora_b',): np.asarray(m) > 0 for p, m in rank_masks.items()}
+
+    def fn(path, x):
+        names = tuple(_key_name(k) for k in path)
+        for start in range(len(names)):
+            for end in range(len(names), start, -1):
+                if names[start:end] in plan:
+                    on = jnp.asarray(plan[names[start:end]], x.dtype)
+                    return x * on[:, None]
+        return x
+
+    return jax.tree_util.tree_map_with_path(fn, tree)

@@ -34,9 +34,10 @@ distillation loss is the temperature KL of the logits plus the layer-wise hidden
 trainable ``[D_student, D_teacher]`` projection per layer pair (identity init), reusing
 ``jaxprune.methods._distill``.
 
-Deliberate deviations from the reference code: masks live in the optimizer state; the teacher
-is refreshed at pruning steps rather than kept from the start (after surgery the student's
-hidden size differs from the original teacher's and the snapshot shares the pruned backbone);
+Deliberate deviations from the reference code: masks live in the optimizer state; by default
+the teacher is refreshed at pruning steps rather than when the validation metric improves (the
+training loop's ``prune.teacher_refresh=eval`` does the latter; the snapshot shares the pruned
+backbone either way);
 layer ``l`` of the student is paired with layer ``l`` of the teacher (the models return every
 block's output with ``output_hidden_states=True``) instead of the dynamic layer matching.
 """

@@ -39,8 +39,12 @@ Deliberate deviations from the paper / reference code:
   ``hidden_weight`` is set: their residual streams carry massive activations (mean square ~5e3
   on SmolLM2-135M), so the raw MSE swamps the task loss (measured: gradient norm 15x).
 * The teacher (``prune.teacher``): ``snapshot`` = the current (compacted) frozen backbone
-  without masks plus a snapshot of the trainable parameters taken at the last pruning step (see
-  ``methods._apt`` module docstring); ``dense`` = the unpruned frozen backbone plus the
+  without masks plus a snapshot of the trainable parameters, taken by default at the last
+  pruning step (``prune.teacher_refresh=pruning``, see the ``methods._apt`` module docstring) or,
+  as in the paper, whenever the validation metric improves (``teacher_refresh=eval``, with
+  ``train.eval_every``; the loop's ``on_eval`` hook; the snapshot is then pruned and rank-resized
+  with the student at pruning steps, its not-yet-active LoRA ranks zeroed so growth leaves its
+  function alone); ``dense`` = the unpruned frozen backbone plus the
   trainable parameters as of the window start, fixed for the run (not refreshed on eval
   improvement as in the paper: after surgery the student cannot be copied into it). The dense
   backbone lives in the ``masks`` state as ``teacher_rest`` (checkpointed; laid out on a mesh
@@ -88,6 +92,7 @@ RESUME_FIELDS = (
     'prune.count_embeddings', 'prune.distill', 'prune.hidden_weight', 'prune.teacher',
 )
 TEACHERS = ('snapshot', 'dense')
+TEACHER_REFRESH = ('pruning', 'eval')
 TEACHER_KEYS = ('teacher', 'teacher_rank', 'teacher_rest')
 
 
@@ -124,6 +129,11 @@ class AptCfg(config_lib.PruneCfg):
     # student's trainable params as of the start of the pruning window, kept for the whole run
     # (one more copy of the frozen backbone in the optimizer state).
     teacher: str = 'snapshot'
+    # When the snapshot teacher takes the student's trainable params. 'pruning': at every
+    # pruning step (after the step it equals the student). 'eval': whenever the validation
+    # metric improves (the paper; needs train.eval_every > 0), the snapshot being pruned and
+    # rank-resized with the student at pruning steps in between.
+    teacher_refresh: str = 'pruning'
     compaction: bool = True
     count_embeddings: bool = False
     outlier: bool | None = None  # kurtosis outlier term; None = on for causal LMs
@@ -155,6 +165,14 @@ class AptCfg(config_lib.PruneCfg):
             raise ValueError(f'prune.tuning_growth={self.tuning_growth} must be >= 1')
         if self.teacher not in TEACHERS:
             raise ValueError(f'prune.teacher={self.teacher!r} must be one of {TEACHERS}')
+        if self.teacher_refresh not in TEACHER_REFRESH:
+            raise ValueError(
+                f'prune.teacher_refresh={self.teacher_refresh!r} must be one of {TEACHER_REFRESH}')
+        if self.teacher_refresh == 'eval' and self.teacher != 'snapshot':
+            raise ValueError(
+                f'prune.teacher_refresh=eval refreshes the snapshot teacher, but '
+                f'prune.teacher={self.teacher!r} (the dense teacher is fixed at the window '
+                'start); use prune.teacher=snapshot or prune.teacher_refresh=pruning')
         if self.hidden_weight is not None and self.hidden_weight < 0:
             raise ValueError(
                 f'prune.hidden_weight={self.hidden_weight} must be >= 0 (0 = logit KL only)')
@@ -347,6 +365,14 @@ class AptMethod:
         # from the unpruned model in ``prepare_model``; its trainable params follow the student
         # until the pruning window opens (``distill_start``) and are frozen from then on.
         self.dense_teacher = cfg.distill and cfg.teacher == 'dense'
+        # prune.teacher_refresh=eval: the snapshot follows the best validation metric so far.
+        self.eval_refresh = cfg.distill and cfg.teacher_refresh == 'eval'
+        if self.eval_refresh and not run_cfg.train.eval_every:
+            raise ValueError(
+                'prune.teacher_refresh=eval refreshes the teacher when the validation metric '
+                'improves, but train.eval_every=0 never evaluates during training; set '
+                'train.eval_every (e.g. 50) or prune.teacher_refresh=pruning')
+        self.best_eval: float | None = None  # the best validation score so far (eval refresh)
         self.distill_begin = apt_schedules.distill_start(self.steps)
         self.teacher_graphdef = None
         self._teacher_trainable = self._teacher_rest = None  # abstract
@@ -590,6 +616,28 @@ class AptMethod:
             self.export(state, pathlib.Path(self.run_cfg.run_dir) / self.cfg.export_dir)
         return state
 
+    def on_eval(
+        self, step: int, metrics: dict[str, float], state: train_lib.LoopState
+    ) -> train_lib.LoopState:
+        """``prune.teacher_refresh=eval``: the snapshot teacher takes the student's trainable
+        params when the validation metric (accuracy; minus the loss for causal LMs) beats the
+        best so far, as in the paper. Shapes are unchanged, so the loop does not re-jit."""
+        if not self.eval_refresh:
+            return state
+        score = float(metrics['accuracy'] if self.task == 'classification' else -metrics['loss'])
+        if self.best_eval is not None and score <= self.best_eval:
+            return state
+        previous, self.best_eval = self.best_eval, score
+        ts = state.state
+        masks = optax.tree.get(ts.opt_state, 'masks')
+        teacher = jax.tree.map(jnp.copy, ts.trainable)
+        opt_state = optax.tree.set(ts.opt_state, masks={**masks, 'teacher': teacher})
+        self._write_event({'event': 'teacher_refresh', 'step': int(step), 'score': score,
+                           'previous': previous})
+        logger.info('APT teacher refreshed at step %d (validation score %.4f, was %s)',
+                    step, score, previous)
+        return train_lib.LoopState(state.graphdef, ts._replace(opt_state=opt_state), state.rest)
+
     def _fill_teacher_rest(self, state: train_lib.LoopState) -> train_lib.LoopState:
         """Copies the unpruned backbone into the state's ``teacher_rest`` (once per process).
 
@@ -624,7 +672,8 @@ class AptMethod:
         ``surgeries`` lists one record per pruning step: ``count``, ``keep`` (the keep vectors
         of that step in the then-current unit layout, packed bits; None without compaction) and
         ``bucket`` (the LoRA bucket after the step). ``arch`` is the resulting shape summary,
-        checked after the replay.
+        checked after the replay. ``best_eval`` is the best validation score so far
+        (``prune.teacher_refresh=eval``).
         """
         return {
             'settings': {f: _field(self.run_cfg, f) for f in RESUME_FIELDS},
@@ -632,12 +681,13 @@ class AptMethod:
             'init_tuning': self.init_tuning,
             'recompiles': self.recompiles,
             'arch': self._arch_summary(),
+            'best_eval': self.best_eval,
         }
 
     def _reset(self) -> None:
         self._set_arch(self.initial_arch, rank=self.run_cfg.lora.rank)
         self.pruned_at, self.surgeries, self.events = [], [], []
-        self.recompiles, self.init_tuning = 0, None
+        self.recompiles, self.init_tuning, self.best_eval = 0, None, None
 
     def _check_settings(self, saved: dict[str, Any]) -> None:
         changed = [f for f in RESUME_FIELDS if f in saved and saved[f] != _field(self.run_cfg, f)]
@@ -683,6 +733,7 @@ class AptMethod:
         self.surgeries = [dict(r) for r in meta['surgeries']]
         self.pruned_at = [r['count'] for r in self.surgeries]
         self.init_tuning, self.recompiles = meta['init_tuning'], meta['recompiles']
+        self.best_eval = meta.get('best_eval')  # absent in checkpoints of older versions
         if self._arch_summary() != meta['arch']:
             raise ValueError(
                 f'replaying the recorded APT surgeries gives {self._arch_summary()}, but the '
@@ -740,8 +791,14 @@ class AptMethod:
         masks = dict(optax.tree.get(opt_state, 'masks'))
         keep = {k: np.asarray(v) > 0 for k, v in masks['units'].items()}
         # The teacher stays out of the surgery and the rank growth: a dense teacher keeps its
-        # shapes, a snapshot teacher is taken afresh below.
-        held = {k: masks.pop(k) for k in TEACHER_KEYS if k in masks}
+        # shapes, a snapshot teacher is taken afresh below. A snapshot refreshed on eval
+        # (teacher_refresh=eval) goes through both with the student instead: pruned like the
+        # params and rank-resized like the Adam moments, so its function on the compacted
+        # backbone is its masked function before.
+        held = {k: masks.pop(k) for k in TEACHER_KEYS
+                if k in masks and not (self.eval_refresh and k == 'teacher')}
+        if self.eval_refresh:  # ranks the growth switches on must not change the teacher
+            masks['teacher'] = _grow.zero_inactive_ranks(masks['teacher'], masks['rank'])
         opt_state = optax.tree.set(opt_state, masks=masks)
         model = nnx.merge(state.graphdef, ts.trainable, state.rest)
         before = self._logits(model, masks) if self.cfg.check_compaction else None
@@ -782,8 +839,12 @@ class AptMethod:
         dtypes = jax.tree.map(lambda x: x.dtype, ts.trainable)
         trainable = jax.tree.map(lambda x, d: x.astype(d), trainable, dtypes)
         new_masks = {**masks, 'rank': ranks}
-        new_masks.update(held if self.dense_teacher
-                         else {'teacher': jax.tree.map(jnp.copy, trainable)})
+        if self.dense_teacher:
+            new_masks.update(held)
+        elif self.eval_refresh:  # resized by _grow together with the Adam moments
+            new_masks['teacher'] = optax.tree.get(opt_state, 'masks')['teacher']
+        else:
+            new_masks['teacher'] = jax.tree.map(jnp.copy, trainable)
         opt_state = optax.tree.set(opt_state, masks=new_masks, rank_ema=rank_ema)
         self.surgeries.append({
             'count': int(count),
@@ -869,16 +930,22 @@ class AptMethod:
             'seconds': seconds,
         }
         self.events.append(rec)
-        path = pathlib.Path(self.run_cfg.run_dir) / 'metrics.jsonl'
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open('a') as f:
-            f.write(json.dumps(rec) + '\n')
+        self._write_event(rec)
         logger.info(
             'APT pruning step %d (count %d): density %.3f (target %.3f), heads %s, mlp %s, '
             'hidden %d, |masked - compacted| = %s, %.1fs',
             step, count, rec['density'], rec['target_density'], rec['kept_heads'],
             rec['kept_mlp'], rec['hidden'], diff, seconds,
         )
+
+    def _write_event(self, rec: dict[str, Any]) -> None:
+        """Appends ``rec`` to ``run_dir/metrics.jsonl`` (process 0 only, as the loop's logger)."""
+        if jax.process_index() != 0:
+            return
+        path = pathlib.Path(self.run_cfg.run_dir) / 'metrics.jsonl'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open('a') as f:
+            f.write(json.dumps(rec) + '\n')
 
     def final_model(self, state: train_lib.LoopState) -> tuple[nnx.Module, Any, dict]:
         """The trained model compacted to its hard masks, and its rank masks (for export)."""

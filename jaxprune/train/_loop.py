@@ -321,7 +321,13 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
                 log.advance(done)
             paused = time.perf_counter()  # eval and checkpoints stay out of throughput
             if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:
-                log.log('eval', done, **evaluate_state(s))
+                metrics = evaluate_state(s)
+                log.log('eval', done, **metrics)
+                after = _method.on_eval_fn(s.method)(
+                    done, metrics, _method.LoopState(s.graphdef, s.state, s.rest))
+                if _adopt(s, after):
+                    raise RuntimeError(f'{type(s.method).__name__}.on_eval changed the model '
+                                       'graph; only on_step_end may change shapes')
             every = cfg.checkpoint.every
             if (every and done % every == 0) or done == tcfg.steps:
                 ckpts.save(done, s.state, _meta(s, done, data_position))

@@ -24,6 +24,10 @@ A ``Method`` contributes these things and nothing else:
 * ``on_step_end(step, state)``: runs outside ``jit`` after every step with a host-side
   ``LoopState``; this is where shape-changing surgery happens (return a new state with a new
   graphdef; the loop re-jits when the graphdef changes).
+* ``on_eval(step, metrics, state)`` (optional, outside ``jit``): runs after each periodic
+  validation during training (``train.eval_every``) with its metrics (``loss``, ``accuracy``,
+  ...) and the ``LoopState``; returns a ``LoopState`` with unchanged shapes (APT refreshes its
+  teacher snapshot here when the metric improves). The default returns the state unchanged.
 * ``checkpoint_meta()`` and ``restore(meta, state)`` (optional, outside ``jit``): resumable host
   state. Every checkpoint stores ``checkpoint_meta()`` (a JSON dict) as ``meta['method']``. On
   resume the loop calls ``restore(meta['method'], initial)`` with the freshly built ``LoopState``
@@ -70,9 +74,10 @@ class LoopState:
 class Method(Protocol):
     """What a pruning method provides to the training loop (see the module docstring).
 
-    ``prepare``, ``value_and_grad``, ``prepare_model``, ``checkpoint_meta`` and ``restore`` are
-    optional; the loop uses ``default_prepare``, ``default_value_and_grad``, the identity,
-    ``default_checkpoint_meta`` and ``default_restore`` for a method that does not define them.
+    ``prepare``, ``value_and_grad``, ``prepare_model``, ``on_eval``, ``checkpoint_meta`` and
+    ``restore`` are optional; the loop uses ``default_prepare``, ``default_value_and_grad``, the
+    identity, ``default_on_eval``, ``default_checkpoint_meta`` and ``default_restore`` for a
+    method that does not define them.
     """
 
     def transforms(self, trainable: optax.Params) -> tuple[optax.GradientTransformation, ...]:
@@ -102,6 +107,17 @@ def default_value_and_grad(fn, trainable, rest, batch, masks, rng, *, graphdef=N
 def prepare_model_fn(method: Any) -> Callable[[nnx.Module], nnx.Module]:
     """The method's ``prepare_model`` hook, or the identity."""
     return getattr(method, 'prepare_model', lambda model: model)
+
+
+def default_on_eval(step: int, metrics: dict[str, float], state: LoopState) -> LoopState:
+    """Nothing to do after a periodic validation."""
+    del step, metrics
+    return state
+
+
+def on_eval_fn(method: Any) -> Callable[[int, dict[str, float], LoopState], LoopState]:
+    """The method's ``on_eval`` hook, or the default."""
+    return getattr(method, 'on_eval', default_on_eval)
 
 
 def default_checkpoint_meta() -> dict[str, Any]:

@@ -318,6 +318,112 @@ def test_dense_teacher_keeps_the_unpruned_model(tmp_path):
     np.testing.assert_allclose(loss, 0.4 * (kl + 0.7 * mse) + 0.6 * aux['ce'], rtol=1e-4)
 
 
+def test_teacher_refresh_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match=r"prune.teacher_refresh='latest' must be one of"):
+        _cfg(tmp_path, 'prune.teacher_refresh=latest')
+    with pytest.raises(ValueError, match="prune.teacher_refresh=eval.*prune.teacher='dense'"):
+        _cfg(tmp_path, 'prune.teacher_refresh=eval', 'prune.teacher=dense')
+    cfg = _cfg(tmp_path, 'prune.teacher_refresh=eval', 'train.eval_every=0')
+    with pytest.raises(ValueError, match='train.eval_every=0'):
+        _method.build_method(cfg.prune, run_cfg=cfg)
+
+
+def _teacher(ls):
+    return optax.tree.get(ls.state.opt_state, 'masks')['teacher']
+
+
+@pytest.mark.parametrize('max_rank', [16, 8])  # growth with a bucket resize / inside the bucket
+def test_eval_refresh_keeps_the_best_student_through_a_pruning_step(tmp_path, max_rank):
+    """prune.teacher_refresh=eval: the snapshot takes the student only when the validation
+    accuracy improves, and a pruning step prunes and rank-resizes it with the student, so its
+    logits on the compacted backbone equal its masked logits before (even as ranks grow)."""
+    cfg = _cfg(tmp_path, 'train.steps=12', 'prune.num_pruning_steps=2',
+               'prune.teacher_refresh=eval', 'train.eval_every=2', f'prune.max_rank={max_rank}')
+    s = _loop.setup(cfg)
+    m = s.method
+    key = (jax.random.key(i) for i in itertools.count())
+
+    def moved(ls):
+        return _method.LoopState(ls.graphdef, ls.state._replace(trainable=jax.tree.map(
+            lambda x: x + 0.05 * jax.random.normal(next(key), x.shape, x.dtype),
+            ls.state.trainable)), ls.rest)
+
+    ls = moved(_method.LoopState(s.graphdef, s.state, s.rest))
+    best = ls.state.trainable
+    ls = m.on_eval(2, {'accuracy': 0.6, 'loss': 0.7}, ls)
+    jax.tree.map(np.testing.assert_array_equal, _teacher(ls), best)
+    ls = moved(ls)
+    for acc in (0.5, 0.6):  # not better than 0.6: the teacher stays
+        ls = m.on_eval(4, {'accuracy': acc, 'loss': 0.1}, ls)
+        jax.tree.map(np.testing.assert_array_equal, _teacher(ls), best)
+    assert m.best_eval == 0.6 and m.checkpoint_meta()['best_eval'] == 0.6
+    refreshes = [e for e in train.read_metrics(tmp_path) if e['event'] == 'teacher_refresh']
+    assert [(e['step'], e['score']) for e in refreshes] == [(2, 0.6)]
+    # A pruning step with growth (the last one) and random hard masks.
+    masks = optax.tree.get(ls.state.opt_state, 'masks')
+    units = {k: jnp.asarray(v, jnp.float32) for k, v in _random_keep(m.structures, 5).items()}
+    ls = _method.LoopState(ls.graphdef, ls.state._replace(
+        opt_state=optax.tree.set(ls.state.opt_state, masks={**masks, 'units': units})), ls.rest)
+    batch = m._probe()
+
+    def teacher_logits(graphdef, teacher, rest, masks):
+        model = nnx.merge(graphdef, teacher, rest)
+        return np.asarray(model(batch['input_ids'], batch['attention_mask'],
+                                masks=m.model_masks(masks)))
+
+    before = teacher_logits(ls.graphdef, best, ls.rest, {'units': units, 'rank': masks['rank']})
+    bucket = m.bucket
+    new = m.pruning_step(m.steps[-1], ls)
+    nm = optax.tree.get(new.state.opt_state, 'masks')
+    assert new.graphdef is not ls.graphdef
+    assert jax.tree.map(jnp.shape, nm['teacher']) == jax.tree.map(jnp.shape, new.state.trainable)
+    grown = [k for k in nm['rank'] if np.sum(nm['rank'][k]) > np.sum(masks['rank'][k])]
+    assert grown and (m.bucket > bucket) == (max_rank > bucket)
+    after = teacher_logits(new.graphdef, nm['teacher'], new.rest, {'units': {}, 'rank': nm['rank']})
+    np.testing.assert_allclose(after, before, atol=1e-5)
+    student = teacher_logits(new.graphdef, new.state.trainable, new.rest,
+                             {'units': {}, 'rank': nm['rank']})
+    assert np.max(np.abs(student - after)) > 1e-3  # the teacher is not the current student
+    # The best score survives a resume.
+    fresh = _method.build_method(cfg.prune, run_cfg=cfg)
+    fresh.restore(m.checkpoint_meta(), _method.LoopState(s.graphdef, s.state, s.rest))
+    assert fresh.best_eval == 0.6
+
+
+def test_training_refreshes_the_teacher_at_evals_that_improve(tmp_path):
+    """The loop hands every periodic validation to ``on_eval``: a refresh is logged exactly at
+    the evaluations that beat the best accuracy so far (the first always does)."""
+    cfg = _cfg(tmp_path, 'train.steps=12', 'prune.num_pruning_steps=2', 'train.eval_every=3',
+               'prune.teacher_refresh=eval', 'prune.check_compaction=false')
+    _loop.train(cfg, progress=False)
+    events = train.read_metrics(tmp_path)
+    evals = [(e['step'], e['accuracy']) for e in events if e['event'] == 'eval' and e['step'] < 12]
+    assert [step for step, _ in evals] == [3, 6, 9]
+    best, want = -1.0, []
+    for step, acc in evals:
+        if acc > best:
+            best, want = acc, [*want, (step, acc)]
+    assert [(e['step'], e['score']) for e in events if e['event'] == 'teacher_refresh'] == want
+
+
+def test_zero_inactive_ranks_keeps_the_adapter_output_under_grown_masks():
+    from jaxprune.lora import _grow
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 4)).astype(np.float32), rng.normal(size=(4, 3)).astype(np.float32)
+    tree = {'layers': [{'q': {'lora_a': jnp.asarray(a), 'lora_b': jnp.asarray(b),
+                              'kernel': jnp.ones((5, 3))}}]}
+    mask = np.array([1.0, 1.0, 0.0, 0.0])
+    out = _grow.zero_inactive_ranks(tree, {('layers', 0, 'q'): jnp.asarray(mask)})
+    q = out['layers'][0]['q']
+    np.testing.assert_array_equal(q['lora_a'], a)
+    np.testing.assert_array_equal(q['kernel'], np.ones((5, 3)))
+    np.testing.assert_array_equal(q['lora_b'][2:], 0.0)
+    grown = np.ones(4)  # every component switched on
+    np.testing.assert_allclose(np.asarray(q['lora_a']) @ (grown[:, None] * np.asarray(q['lora_b'])),
+                               a @ (mask[:, None] * b))
+
+
 @pytest.fixture(scope='module')
 def cli_run(tmp_path_factory):
     from jaxprune import cli
