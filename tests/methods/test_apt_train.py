@@ -648,11 +648,12 @@ def _assert_same_run(run, ref_run, final, ref_final):
 
 @pytest.mark.slow
 def test_checkpoint_meta_records_the_surgeries(crashed):
-    ck = checkpoint.Checkpointer(crashed / 'checkpoints')
-    assert ck.all_steps() == [4, 8]
+    with checkpoint.Checkpointer(crashed / 'checkpoints') as ck:
+        assert ck.all_steps() == [4, 8]
+        metas = {step: ck.read_meta(step)['method'] for step in (4, 8)}
     prunes = _events(crashed, 'prune')
     for step, n in ((4, 1), (8, 2)):
-        m = ck.read_meta(step)['method']
+        m = metas[step]
         assert [r['count'] for r in m['surgeries']] == [3, 6][:n]
         assert m['settings']['prune.num_pruning_steps'] == 3
         # The recorded shapes are the ones the pruning step logged.

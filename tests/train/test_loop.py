@@ -38,7 +38,8 @@ def test_train_writes_metrics_config_and_checkpoints(tiny, capsys):
     evals = _events(run, 'eval')
     assert [e['step'] for e in evals] == [3, 6]
     assert final == evals[-1] and final['count'] == 100 and 0 <= final['accuracy'] <= 1
-    assert checkpoint.Checkpointer(cfg.checkpoint_dir).all_steps() == [3, 6]
+    with checkpoint.Checkpointer(cfg.checkpoint_dir) as ckpt:
+        assert ckpt.all_steps() == [3, 6]
     # `jaxprune eval RUN_DIR` restores the last checkpoint and reproduces the final eval exactly.
     assert cli.main(['eval', str(run)]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -68,12 +69,12 @@ def test_nonfinite_steps_are_skipped_counted_and_never_checkpointed(tiny):
     final = train.train(cfg, progress=False)
     assert final['skipped_nonfinite'] > 0 and np.isfinite(final['loss'])
     assert _events(cfg.run_dir, 'train')[-1]['skipped_nonfinite'] == final['skipped_nonfinite']
-    ckpt = checkpoint.Checkpointer(cfg.checkpoint_dir)
     s = train.setup(cfg)
-    for step in ckpt.all_steps():
-        state, meta = ckpt.restore(step, target=jax.eval_shape(lambda: s.state))
-        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.trainable))
-        assert meta['data_position'] == step
+    with checkpoint.Checkpointer(cfg.checkpoint_dir) as ckpt:
+        for step in ckpt.all_steps():
+            state, meta = ckpt.restore(step, target=jax.eval_shape(lambda: s.state))
+            assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.trainable))
+            assert meta['data_position'] == step
 
 
 @pytest.mark.parametrize('task,dataset,tok_len', [
@@ -148,7 +149,8 @@ def test_causal_lm_loop_with_lora_reports_perplexity(tiny):
     final = train.train(cfg, progress=False)
     assert final['perplexity'] == pytest.approx(np.exp(final['loss']), rel=1e-5)
     assert final['count'] > 0 and np.isfinite(final['loss'])
-    assert checkpoint.Checkpointer(cfg.checkpoint_dir).all_steps() == [4]  # saved at the end
+    with checkpoint.Checkpointer(cfg.checkpoint_dir) as ckpt:
+        assert ckpt.all_steps() == [4]  # saved at the end
 
 
 @config.register_prune('_driver_test')
@@ -209,9 +211,9 @@ _method.register_method('_meta_test')(lambda cfg, **kw: _HostStateMethod())
 def test_method_meta_is_checkpointed_and_restored_per_step_tried(tiny):
     cfg = tiny('prune.method=_meta_test', 'train.steps=4', 'checkpoint.every=2', 'train.log_every=2')
     train.train(cfg, progress=False)
-    ckpt = checkpoint.Checkpointer(cfg.checkpoint_dir)
-    assert [ckpt.read_meta(step)['method'] for step in ckpt.all_steps()] == [{'seen': 2},
-                                                                               {'seen': 4}]
+    with checkpoint.Checkpointer(cfg.checkpoint_dir) as ckpt:  # closed: no stray async threads
+        assert [ckpt.read_meta(step)['method'] for step in ckpt.all_steps()] == [{'seen': 2},
+                                                                                   {'seen': 4}]
     for f in (pathlib.Path(cfg.checkpoint_dir) / '4' / 'state').rglob('*'):
         if f.is_file() and f.parent.name == 'd':
             f.write_bytes(b'')  # step 4 corrupt: resume falls back to 2
@@ -222,4 +224,5 @@ def test_method_meta_is_checkpointed_and_restored_per_step_tried(tiny):
     assert [meta for meta, _ in method.restored] == [{'seen': 4}, {'seen': 2}]
     assert method.restored[0][1] is method.restored[1][1]
     assert [e['step'] for e in _events(cfg.run_dir, 'resume')] == [2]
-    assert method.seen == 6 and ckpt.read_meta(6)['method'] == {'seen': 6}
+    with checkpoint.Checkpointer(cfg.checkpoint_dir) as ckpt:
+        assert method.seen == 6 and ckpt.read_meta(6)['method'] == {'seen': 6}
