@@ -15,6 +15,24 @@ from jaxprune import checkpoint
 from jaxprune.checkpoint import _checkpointer, _diff
 from jaxprune.sharding import _mesh
 
+
+@pytest.fixture(autouse=True)
+def _close_checkpointers(monkeypatch):
+    """Closes every Checkpointer a test opens (an unclosed one can leave orbax's async thread
+    calling into a closed event loop after the test, a PytestUnraisableExceptionWarning)."""
+    opened = []
+    init = _checkpointer.Checkpointer.__init__
+
+    def tracked(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(_checkpointer.Checkpointer, '__init__', tracked)
+    yield
+    for ckpt in opened:
+        ckpt.close()
+
+
 OPTIMIZERS = {
     'adamw': lambda: optax.adamw(1e-2, weight_decay=0.1),
     'chain': lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)),
