@@ -208,6 +208,42 @@ class _HostStateMethod:
 _method.register_method('_meta_test')(lambda cfg, **kw: _HostStateMethod())
 
 
+@config.register_prune('_eval_hook_test')
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _EvalHookCfg(config.PruneCfg):
+    regraph: bool = False  # on_eval returns another graphdef (not allowed)
+
+
+class _EvalHookMethod(_HostStateMethod):
+    """Records every ``on_eval`` call; optionally returns a different graph from it."""
+
+    def __init__(self, regraph):
+        super().__init__()
+        self.regraph, self.evals = regraph, []
+
+    def on_eval(self, step, metrics, state):
+        self.evals.append((step, metrics))
+        return dataclasses.replace(state, graphdef=object()) if self.regraph else state
+
+
+_method.register_method('_eval_hook_test')(lambda cfg, **kw: _EvalHookMethod(cfg.regraph))
+
+
+def test_on_eval_sees_every_periodic_eval_and_may_not_change_the_graph(tiny, tmp_path):
+    cfg = tiny('prune.method=_eval_hook_test', 'train.steps=6', 'train.eval_every=2')
+    train.train(cfg, progress=False)
+    evals = _events(cfg.run_dir, 'eval')
+    assert [e['step'] for e in evals] == [2, 4, 6]  # 6 is the final eval, not a periodic one
+    got = _BUILT[-1].evals
+    assert [step for step, _ in got] == [2, 4]
+    for (_, metrics), e in zip(got, evals, strict=False):
+        assert metrics['accuracy'] == e['accuracy'] and metrics['loss'] == e['loss']
+    bad = tiny('prune.method=_eval_hook_test', 'prune.regraph=true', 'train.steps=4',
+               'train.eval_every=2', f'run_dir={tmp_path / "regraph"}')
+    with pytest.raises(RuntimeError, match='on_eval changed the model graph'):
+        train.train(bad, progress=False)
+
+
 def test_method_meta_is_checkpointed_and_restored_per_step_tried(tiny):
     cfg = tiny('prune.method=_meta_test', 'train.steps=4', 'checkpoint.every=2', 'train.log_every=2')
     train.train(cfg, progress=False)
