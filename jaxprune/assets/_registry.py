@@ -104,8 +104,10 @@ def _build_rotten_tomatoes(src: pathlib.Path, out: pathlib.Path) -> None:
     (out / 'info.json').write_text(json.dumps(info, indent=1))
 
 
-_GUTENBERG_START = re.compile(r'^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$', re.MULTILINE | re.IGNORECASE)
-_GUTENBERG_END = re.compile(r'^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$', re.MULTILINE | re.IGNORECASE)
+_GUTENBERG_START = re.compile(
+    r'^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$', re.MULTILINE | re.IGNORECASE)
+_GUTENBERG_END = re.compile(
+    r'^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$', re.MULTILINE | re.IGNORECASE)
 
 
 def strip_gutenberg(text: str) -> str:

@@ -265,19 +265,14 @@ def resize_ranks_like(tree: Any, rank_masks: Mapping[Path, jax.Array], bucket: i
         plan[tuple(path) + ('lora_a',)] = (active, 1)
         plan[tuple(path) + ('lora_b',)] = (active, 0)
 
-    def fn(path, x):
-        names = tuple(_key_name(k) for k in path)
-        for start in range(len(names)):
-            for end in range(len(names), start, -1):
-                if names[start:end] in plan:
-                    active, axis = plan[names[start:end]]
-                    kept = jnp.take(x, jnp.asarray(active), axis=axis)
-                    pad = [(0, 0)] * x.ndim
-                    pad[axis] = (0, bucket - active.size)
-                    return jnp.pad(kept, pad)
-        return x
+    def resize(x, entry):
+        active, axis = entry
+        kept = jnp.take(x, jnp.asarray(active), axis=axis)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, bucket - active.size)
+        return jnp.pad(kept, pad)
 
-    return jax.tree_util.tree_map_with_path(fn, tree)
+    return _map_planned(tree, plan, resize)
 
 
 def zero_inactive_ranks(tree: Any, rank_masks: Mapping[Path, jax.Array]) -> Any:
@@ -289,14 +284,19 @@ def zero_inactive_ranks(tree: Any, rank_masks: Mapping[Path, jax.Array]) -> Any:
     matched like :func:`resize_ranks_like`; other leaves are returned unchanged.
     """
     plan = {tuple(p) + ('lora_b',): np.asarray(m) > 0 for p, m in rank_masks.items()}
+    return _map_planned(tree, plan, lambda x, on: x * jnp.asarray(on, x.dtype)[:, None])
 
-    def fn(path, x):
+
+def _map_planned(tree: Any, plan: Mapping[Path, Any], fn: Any) -> Any:
+    """``fn(leaf, plan[key])`` for every leaf with a contiguous part of its key path in ``plan``
+    (the longest part from the left wins); other leaves are returned unchanged."""
+
+    def one(path, x):
         names = tuple(_key_name(k) for k in path)
         for start in range(len(names)):
             for end in range(len(names), start, -1):
                 if names[start:end] in plan:
-                    on = jnp.asarray(plan[names[start:end]], x.dtype)
-                    return x * on[:, None]
+                    return fn(x, plan[names[start:end]])
         return x
 
-    return jax.tree_util.tree_map_with_path(fn, tree)
+    return jax.tree_util.tree_map_with_path(one, tree)

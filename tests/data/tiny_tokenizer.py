@@ -5,7 +5,11 @@ import transformers
 from tokenizers import models, pre_tokenizers, processors
 
 SPECIALS = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[EOS]']
-WORDS = ['good', 'bad', 'film', 'movie', 'great', 'awful', 'plot', 'acting', 'the', 'a', 'is', 'was', 'very', 'not', 'and', 'of', 'to', 'it', 'to', 'be', 'or', 'question', 'whether', 'nobler', 'mind', 'suffer', 'slings', 'arrows', 'outrageous', 'fortune']
+WORDS = [
+    'good', 'bad', 'film', 'movie', 'great', 'awful', 'plot', 'acting', 'the', 'a', 'is',
+    'was', 'very', 'not', 'and', 'of', 'to', 'it', 'to', 'be', 'or', 'question', 'whether',
+    'nobler', 'mind', 'suffer', 'slings', 'arrows', 'outrageous', 'fortune',
+]
 
 
 def make_tokenizer(*, cls_sep: bool = True) -> transformers.PreTrainedTokenizerFast:
