@@ -15,10 +15,6 @@ finds the largest prefix within budget. Everything runs inside ``jit`` with stat
 LoRA factors (paths ending in ``lora_a``/``lora_b``) are tuning parameters, not backbone: they
 are left out of the count unless ``count_lora=True`` (APT constrains the backbone size; the
 tuning budget has its own schedule). Surgery still slices them.
-
-LoRA factors (paths ending in ``lora_a``/``lora_b``) are tuning parameters, not backbone: they
-are left out of the count unless ``count_lora=True`` (APT constrains the backbone size; the
-tuning budget has its own schedule). Surgery still slices them.
 """
 
 from collections.abc import Mapping, Sequence
@@ -128,6 +124,10 @@ def kept_param_count(
       shapes_or_params: the params pytree (arrays or ``ShapeDtypeStruct``) or
         :func:`param_shapes` output.
       count_lora: also count LoRA factors (module docstring).
+      min_keep: optional ``{(kind, layer): m}``; the ``m`` densest eligible units of that
+        structure rank ahead of every other unit (a per-layer floor, e.g. so that no layer loses
+        all but one head). The budget still binds: if the floors alone exceed it, the densest
+        floor units are kept. Structures not named have no floor.
 
     Returns:
       Scalar count (int32, or float32 for models with more than ``2**31`` prunable params).
@@ -159,6 +159,7 @@ def budget_keep(
     eligible: Mapping[Key, jax.Array] | None = None,
     budget_base: int | None = None,
     count_lora: bool = False,
+    min_keep: Mapping[Key, int] | None = None,
 ) -> dict[Key, jax.Array]:
     r"""Keep the largest prefix of the global density ranking that fits the parameter budget.
 
@@ -182,6 +183,10 @@ def budget_keep(
         these structures. After surgery pass the *original* model's count so that the schedule
         keeps meaning "fraction of the original model".
       count_lora: also count LoRA factors (module docstring).
+      min_keep: optional ``{(kind, layer): m}``; the ``m`` densest eligible units of that
+        structure rank ahead of every other unit (a per-layer floor, e.g. so that no layer loses
+        all but one head). The budget still binds: if the floors alone exceed it, the densest
+        floor units are kept. Structures not named have no floor.
 
     Returns:
       ``{(kind, layer): bool[size]}`` keep vectors.
@@ -202,6 +207,8 @@ def budget_keep(
         )
     else:
         ok = jnp.ones(flat.shape, bool)
+    if min_keep:
+        flat = _apply_floors(flat, ok, plan, min_keep)
     # Stable descending sort: ineligible units go last.
     order = jnp.lexsort((-flat, ~ok))
     rank = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
@@ -232,3 +239,32 @@ def budget_keep(
         out[k] = keep[start : start + n]
         start += n
     return out
+
+
+def _apply_floors(
+    flat: jax.Array, ok: jax.Array, plan: '_CountPlan', min_keep: Mapping[Key, int]
+) -> jax.Array:
+    """Lifts the ``min_keep[k]`` densest eligible units of each structure above every other unit.
+
+    The lifted units keep their order among themselves (one common offset), so if the floors alone
+    exceed the budget the densest of them are kept.
+    """
+    unknown = set(min_keep) - set(plan.keys)
+    if unknown:
+        raise ValueError(f'min_keep names {sorted(unknown, key=str)}, not structures here')
+    finite = ok & jnp.isfinite(flat)
+    top = jnp.max(jnp.where(finite, flat, -jnp.inf), initial=0.0)
+    bottom = jnp.min(jnp.where(finite, flat, jnp.inf), initial=0.0)
+    offset = top - bottom + 1.0
+    pieces, start = [], 0
+    for k, n in zip(plan.keys, plan.sizes, strict=True):
+        seg, seg_ok = flat[start : start + n], ok[start : start + n]
+        m = min(int(min_keep.get(k, 0)), n)
+        if m > 0:
+            # Rank within the structure (eligible first, densest first); the top m are lifted.
+            order = jnp.lexsort((-seg, ~seg_ok))
+            rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+            seg = jnp.where((rank < m) & seg_ok, seg + offset, seg)
+        pieces.append(seg)
+        start += n
+    return jnp.concatenate(pieces)

@@ -77,6 +77,7 @@ from jaxprune.lora import _grow
 from jaxprune.masks import _budget, _structured
 from jaxprune.methods import _apt
 from jaxprune.schedules import _apt as apt_schedules
+from jaxprune.scores import _apt as apt_scores
 from jaxprune.transforms import _apt_masks
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ RESUME_FIELDS = (
     'prune.num_pruning_steps', 'prune.prune_start_fraction', 'prune.prune_end_fraction',
     'prune.init_rank', 'prune.max_rank', 'prune.tuning_growth', 'prune.compaction',
     'prune.count_embeddings', 'prune.distill', 'prune.hidden_weight', 'prune.teacher',
+    'prune.min_keep_fraction',
 )
 TEACHERS = ('snapshot', 'dense')
 TEACHER_REFRESH = ('pruning', 'eval')
@@ -139,6 +141,10 @@ class AptCfg(config_lib.PruneCfg):
     outlier: bool | None = None  # kurtosis outlier term; None = on for causal LMs
     check_compaction: bool = True  # log max |masked - compacted| logits at each pruning step
     export_dir: str | None = 'pruned'  # relative to run_dir; null = no export at the end
+    # Per-structure floor (not in the paper): every layer keeps at least this fraction of its
+    # original heads and neurons, and the hidden size this fraction of its width. 0 = APT's pure
+    # global ranking, which may leave a layer with a single head.
+    min_keep_fraction: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -173,6 +179,10 @@ class AptCfg(config_lib.PruneCfg):
                 f'prune.teacher_refresh=eval refreshes the snapshot teacher, but '
                 f'prune.teacher={self.teacher!r} (the dense teacher is fixed at the window '
                 'start); use prune.teacher=snapshot or prune.teacher_refresh=pruning')
+        if not 0 <= self.min_keep_fraction <= 1:
+            raise ValueError(
+                f'prune.min_keep_fraction={self.min_keep_fraction} must be in [0, 1] '
+                '(0 = no floor; 0.25 = every layer keeps at least a quarter of its heads/neurons)')
         if self.hidden_weight is not None and self.hidden_weight < 0:
             raise ValueError(
                 f'prune.hidden_weight={self.hidden_weight} must be >= 0 (0 = logit KL only)')
@@ -377,6 +387,12 @@ class AptMethod:
         self.teacher_graphdef = None
         self._teacher_trainable = self._teacher_rest = None  # abstract
         self._teacher_rest_values = None  # the unpruned backbone, until copied into the state
+        self.min_keep = None
+        if cfg.min_keep_fraction:  # absolute counts of the unpruned model, fixed for the run
+            self.min_keep = {
+                apt_scores.structure_key(s): math.ceil(cfg.min_keep_fraction * s.size)
+                for s in models.structures(self.arch)
+            }
         self._set_arch(self.arch, rank=run_cfg.lora.rank)
         self.budget_base = _budget.total_prunable_params(self.budget_structures, self.shapes)
         self.initial_params = models.param_count(self.arch)
@@ -411,6 +427,7 @@ class AptMethod:
             beta=self.cfg.beta,
             step_size=self.step_size,
             budget_base=getattr(self, 'budget_base', None),
+            min_keep=self.min_keep,
         )
 
     # ---- Method hooks --------------------------------------------------------------------

@@ -12,7 +12,7 @@ Gradients pass through unchanged: APT masks act on activations inside the forwar
 weights is already zero where it matters.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -55,6 +55,7 @@ def apt_masks(
     beta: optax.ScalarOrSchedule = 0.85,
     step_size: optax.ScalarOrSchedule = 0.01,
     budget_base: int | None = None,
+    min_keep: Mapping[Key, int] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adaptive structured masks for heads, neurons and hidden dims (APT).
 
@@ -87,6 +88,9 @@ def apt_masks(
       step_size: soft-mask step :math:`\eta` per update.
       budget_base: the parameter count densities refer to (default: the prunable count of
         ``structures``). Pass the original model's count when rebuilding after surgery.
+      min_keep: optional per-structure floors ``{(kind, layer): m}`` for the budget search
+        (``jaxprune.masks._budget.budget_keep``); absolute unit counts, so pass the same dict
+        when rebuilding after surgery. Not in the paper (a guard against emptying a layer).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes ``salience=``.
@@ -132,6 +136,7 @@ def apt_masks(
             _value(density_schedule, count),
             eligible=state.alive,
             budget_base=budget_base,
+            min_keep=min_keep,
         )
         eta = _value(step_size, state.count)
         prune_now = jnp.any(steps == count)

@@ -76,11 +76,13 @@ def _random_scores(structs, seed):
     return {(s.kind, s.layer): jnp.asarray(rng.random(s.size), jnp.float32) for s in structs}
 
 
-def brute_force(scores, structs, shapes, density):
-    """Try every prefix length of the global descending ranking; keep the largest that fits."""
+def brute_force(scores, structs, shapes, density, order=None):
+    """Try every prefix length of the global descending ranking (or of ``order``); keep the
+    largest prefix that fits."""
     keys = [(s.kind, s.layer) for s in structs]
     flat = np.concatenate([np.asarray(scores[k]) for k in keys])
-    order = np.argsort(-flat, kind='stable')
+    if order is None:
+        order = np.argsort(-flat, kind='stable')
     budget = density * _budget.total_prunable_params(structs, shapes)
     best = np.zeros(flat.size, bool)
     for k in range(flat.size + 1):
@@ -108,6 +110,49 @@ def test_budget_keep_matches_reference(density, use_jit):
         keep = fn(scores, jnp.float32(density))
         got = np.concatenate([np.asarray(keep[(s.kind, s.layer)]) for s in structs])
         np.testing.assert_array_equal(got, brute_force(scores, structs, shapes, density))
+
+
+@pytest.mark.parametrize('density', [0.1, 0.3, 0.5, 0.8])
+def test_budget_keep_min_keep_matches_reference(density):
+    # Reference: the floor units (the m densest of each named structure) come first, in score
+    # order, then every other unit in score order; the largest fitting prefix is kept.
+    structs, shapes = toy()  # brute_force counts with explicit_count, i.e. this toy's shapes
+    min_keep = {('heads', 0): 1, ('heads', 1): 2, ('mlp', 1): 2, ('hidden', None): 2}
+    keys = [(s.kind, s.layer) for s in structs]
+    for seed in range(3):
+        scores = _random_scores(structs, seed)
+        # Make floor candidates unattractive so the floors change the outcome.
+        scores[('heads', 1)] = scores[('heads', 1)] * 1e-3
+        flat = np.concatenate([np.asarray(scores[k]) for k in keys])
+        floor, start = np.zeros(flat.size, bool), 0
+        for k, s in zip(keys, structs):
+            seg = np.asarray(scores[k])
+            floor[start + np.argsort(-seg, kind='stable')[: min_keep.get(k, 0)]] = True
+            start += s.size
+        by_score = np.argsort(-flat, kind='stable')
+        order = np.concatenate([by_score[floor[by_score]], by_score[~floor[by_score]]])
+        want = brute_force(scores, structs, shapes, density, order=order)
+        keep = jax.jit(lambda sc, rho: _budget.budget_keep(
+            sc, structs, shapes, rho, min_keep=min_keep))(scores, jnp.float32(density))
+        got = np.concatenate([np.asarray(keep[k]) for k in keys])
+        np.testing.assert_array_equal(got, want)
+        floors = {k: min_keep.get(k, 0) for k in keys}
+        if explicit_count(floors) <= density * _budget.total_prunable_params(structs, shapes):
+            for k, m in min_keep.items():  # the floors fit, so every one of them is met
+                assert int(keep[k].sum()) >= m, (k, density)
+
+
+def test_budget_keep_min_keep_respects_eligibility_and_names():
+    structs, shapes = toy()
+    scores = _random_scores(structs, 3)
+    # The densest head of layer 1 is dead: the floor takes the next eligible one, never the dead.
+    scores[('heads', 1)] = jnp.array([5.0, 1e-6])
+    eligible = {('heads', 1): jnp.array([False, True])}
+    keep = _budget.budget_keep(scores, structs, shapes, 0.3, eligible=eligible,
+                               min_keep={('heads', 1): 1})
+    assert keep[('heads', 1)].tolist() == [False, True]
+    with pytest.raises(ValueError, match=r"min_keep names \[\('heads', 7\)\]"):
+        _budget.budget_keep(scores, structs, shapes, 0.5, min_keep={('heads', 7): 1})
 
 
 def test_budget_keep_fits_and_is_maximal():

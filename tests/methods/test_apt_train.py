@@ -119,6 +119,38 @@ def test_mask_transform_never_revives_dead_units(tmp_path):
     assert any(d.any() for d in dead.values())  # the test pruned something
 
 
+def _alive_after_masks(cfg, scale):
+    """Runs the method's mask transform through every pruning step on random salience, with
+    the salience of the structures in ``scale`` multiplied by their factor; returns the alive
+    counts per structure."""
+    method = _method.build_method(cfg.prune, run_cfg=cfg)
+    tx = method.transform()
+    params = {'w': jnp.zeros(3)}
+    state = tx.init(params)
+    rng = np.random.default_rng(0)
+    update = jax.jit(lambda s, sal: tx.update(params, s, params, salience=sal)[1])
+    for _ in range(cfg.train.steps):
+        sal = {(s.kind, s.layer): jnp.asarray(rng.random(s.size), jnp.float32)
+               * scale.get((s.kind, s.layer), 1.0) for s in method.budget_structures}
+        state = update(state, sal)
+    return {k: int(np.asarray(v).sum()) for k, v in state.alive.items()}, {
+        (s.kind, s.layer): s.size for s in method.budget_structures}
+
+
+def test_min_keep_fraction_floors_every_structure(tmp_path):
+    # Layer 1's heads and layer 0's neurons look useless: the pure global ranking empties them,
+    # the floor keeps a quarter of each (and of every other structure).
+    scale = {('heads', 1): 1e-4, ('mlp', 0): 1e-4}
+    base = ('train.steps=12', 'prune.num_pruning_steps=2')
+    free, sizes = _alive_after_masks(_cfg(tmp_path, *base), scale)
+    floored, _ = _alive_after_masks(_cfg(tmp_path, *base, 'prune.min_keep_fraction=0.25'), scale)
+    floor = {k: math.ceil(0.25 * n) for k, n in sizes.items()}
+    assert any(free[k] < floor[k] for k in scale), free
+    assert all(floored[k] >= floor[k] for k in sizes), (floored, floor)
+    with pytest.raises(ValueError, match=r'prune.min_keep_fraction=1.5 must be in \[0, 1\]'):
+        _cfg(tmp_path, 'prune.min_keep_fraction=1.5')
+
+
 def test_hidden_distillation_matches_reference(tmp_path):
     """Layer-wise MSE, its weight in the loss and the projection gradient vs a plain computation."""
     cfg = _cfg(tmp_path, 'train.steps=12', 'prune.num_pruning_steps=2', 'prune.hidden_weight=0.7')
