@@ -124,10 +124,6 @@ def kept_param_count(
       shapes_or_params: the params pytree (arrays or ``ShapeDtypeStruct``) or
         :func:`param_shapes` output.
       count_lora: also count LoRA factors (module docstring).
-      min_keep: optional ``{(kind, layer): m}``; the ``m`` densest eligible units of that
-        structure rank ahead of every other unit (a per-layer floor, e.g. so that no layer loses
-        all but one head). The budget still binds: if the floors alone exceed it, the densest
-        floor units are kept. Structures not named have no floor.
 
     Returns:
       Scalar count (int32, or float32 for models with more than ``2**31`` prunable params).

@@ -96,19 +96,28 @@ def test_param_count_after_surgery_equals_budget_prediction(count_embeddings):
         assert new_total == unbudgeted + predicted
 
 
-def test_mask_transform_never_revives_dead_units(tmp_path):
-    cfg = _cfg(tmp_path, 'train.steps=12', 'prune.num_pruning_steps=2')
+def _mask_states(cfg, scale=None):
+    """The method's mask transform run for ``train.steps`` updates (through every pruning step)
+    on random salience, that of the structures in ``scale`` multiplied by their factor. Yields
+    ``(method, state)`` after each update."""
+    scale = scale or {}
     method = _method.build_method(cfg.prune, run_cfg=cfg)
     tx = method.transform()
     params = {'w': jnp.zeros(3)}
     state = tx.init(params)
     rng = np.random.default_rng(0)
     update = jax.jit(lambda s, sal: tx.update(params, s, params, salience=sal)[1])
-    dead = None
-    for _ in range(12):
+    for _ in range(cfg.train.steps):
         sal = {(s.kind, s.layer): jnp.asarray(rng.random(s.size), jnp.float32)
-               for s in method.budget_structures}
+               * scale.get((s.kind, s.layer), 1.0) for s in method.budget_structures}
         state = update(state, sal)
+        yield method, state
+
+
+def test_mask_transform_never_revives_dead_units(tmp_path):
+    cfg = _cfg(tmp_path, 'train.steps=12', 'prune.num_pruning_steps=2')
+    dead = None
+    for _, state in _mask_states(cfg):
         alive = {k: np.asarray(v) for k, v in state.alive.items()}
         if dead is not None:  # a unit that died stays dead with mask 0
             for k, a in alive.items():
@@ -120,19 +129,8 @@ def test_mask_transform_never_revives_dead_units(tmp_path):
 
 
 def _alive_after_masks(cfg, scale):
-    """Runs the method's mask transform through every pruning step on random salience, with
-    the salience of the structures in ``scale`` multiplied by their factor; returns the alive
-    counts per structure."""
-    method = _method.build_method(cfg.prune, run_cfg=cfg)
-    tx = method.transform()
-    params = {'w': jnp.zeros(3)}
-    state = tx.init(params)
-    rng = np.random.default_rng(0)
-    update = jax.jit(lambda s, sal: tx.update(params, s, params, salience=sal)[1])
-    for _ in range(cfg.train.steps):
-        sal = {(s.kind, s.layer): jnp.asarray(rng.random(s.size), jnp.float32)
-               * scale.get((s.kind, s.layer), 1.0) for s in method.budget_structures}
-        state = update(state, sal)
+    """Alive counts per structure after :func:`_mask_states`, and the structure sizes."""
+    *_, (method, state) = _mask_states(cfg, scale)
     return {k: int(np.asarray(v).sum()) for k, v in state.alive.items()}, {
         (s.kind, s.layer): s.size for s in method.budget_structures}
 
