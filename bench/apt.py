@@ -51,7 +51,7 @@ def _overrides(args, row: str, run_dir: str) -> tuple[str, list[str]]:
         'checkpoint.every=0', 'train.log_every=20', f'train.seed={args.seed}',
         f'data.seed={args.seed}',
         f'train.warmup_steps={max(1, args.steps // 10)}',
-        f'data.eval_max_examples={args.eval_examples}',
+        f'data.eval_max_examples={args.eval_examples}', *args.set_all,
     ]
     if row == 'dense':
         return 'configs/minilm_rotten_tomatoes_lora.yaml', common + [
@@ -440,6 +440,8 @@ def main(argv=None) -> int:
     p.add_argument('--reps', type=int, default=15, help='timing rounds for --remeasure')
     p.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE',
                    help='extra config overrides for the apt row, e.g. prune.prune_start_fraction=0.2')
+    p.add_argument('--set-all', nargs='*', default=[], metavar='KEY=VALUE',
+                   help='extra config overrides for every MiniLM row, e.g. train.param_ema=0.98')
     p.add_argument('--reuse', metavar='DIR',
                    help='take the rows not in --rows from a finished run (its temp dir)')
     p.add_argument('--row', help=argparse.SUPPRESS)
@@ -461,7 +463,8 @@ def main(argv=None) -> int:
                '--row-out', str(out), '--steps', str(args.steps), '--max-len', str(args.max_len),
                '--batch-size', str(args.batch_size), '--pruning-steps', str(args.pruning_steps),
                '--llama-steps', str(args.llama_steps), '--eval-examples', str(args.eval_examples),
-               '--seed', str(args.seed), '--set', *args.set, '--llama-set', *args.llama_set]
+               '--seed', str(args.seed), '--set', *args.set, '--set-all', *args.set_all,
+               '--llama-set', *args.llama_set]
         print(f'[bench] {name}: {" ".join(cmd)}', flush=True)
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, cwd=ROOT, check=False).returncode

@@ -145,6 +145,9 @@ class TrainCfg:
     log_every: int = 10
     seed: int = 0
     full_finetune: bool = False
+    # Decay of an exponential moving average of the trained parameters (0 = off). When on, evals
+    # use the average and the final state holds it in place of the last iterate.
+    param_ema: float = 0.0
 
     def __post_init__(self):
         _positive('train.steps', self.steps, 'pass e.g. train.steps=100')
@@ -161,6 +164,9 @@ class TrainCfg:
         for name in ('b1', 'b2'):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f'train.{name}={getattr(self, name)} must be in [0, 1)')
+        if not 0 <= self.param_ema < 1:
+            raise ValueError(f'train.param_ema={self.param_ema} must be in [0, 1): the decay of the '
+                             'parameter average, e.g. 0.98 (about 50 steps); 0 disables it')
         if self.optimizer != 'adamw':
             raise ValueError(f"train.optimizer={self.optimizer!r} is not supported; use 'adamw'")
 
@@ -175,7 +181,7 @@ class TrainCfg:
         )
 
     def build_optimizer(self, *extra: optax.GradientTransformation) -> optax.GradientTransformation:
-        """Returns ``apply_if_finite(chain(clip, *extra, adamw))``.
+        """Returns ``apply_if_finite(chain(clip, *extra, adamw[, param_ema]))``.
 
         Args:
           *extra: transforms inserted between clipping and adamw (e.g. a pruning method's pieces).
@@ -183,7 +189,9 @@ class TrainCfg:
         Returns:
           An optax transformation. Weight decay applies to parameters with ``ndim >= 2`` only.
           ``apply_if_finite`` leaves parameters and inner state unchanged on a non-finite update;
-          the train step additionally guards on a non-finite loss.
+          the train step additionally guards on a non-finite loss. With ``param_ema > 0`` the
+          last element is :func:`jaxprune.transforms.param_ema`, which averages the parameters
+          without changing the update.
         """
         parts = []
         if self.grad_clip > 0:
@@ -197,6 +205,10 @@ class TrainCfg:
                 weight_decay=self.weight_decay,
                 mask=_decay_mask,
             ))
+        if self.param_ema:
+            from jaxprune.transforms import _average
+
+            parts.append(_average.param_ema(self.param_ema))
         return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=2**30)
 
 

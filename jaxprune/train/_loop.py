@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxprune import config as config_lib
-from jaxprune import distributed
+from jaxprune import distributed, transforms
 from jaxprune.train import _data, _factory, _method, _metrics, _step
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,14 @@ def _place(batch: dict[str, np.ndarray], sh) -> dict[str, jax.Array]:
     return distributed.global_batch_from_host(local, sh.mesh, sh, global_batch_size=size)
 
 
+def weights(state: _step.TrainState, tcfg: config_lib.TrainCfg) -> Any:
+    """The trained params to evaluate or ship: the parameter average with ``train.param_ema``
+    (bias-corrected; the live params before the first update), else the live params."""
+    if not tcfg.param_ema or not transforms.has_param_ema(state.opt_state):
+        return state.trainable
+    return transforms.averaged_params(state.trainable, state.opt_state, tcfg.param_ema)
+
+
 def evaluate_state(s: Setup, *, split: str = 'validation') -> dict[str, float]:
     """Exact metrics of the current state over a whole split (padding rows ignored)."""
     cfg = s.cfg
@@ -141,8 +149,9 @@ def evaluate_state(s: Setup, *, split: str = 'validation') -> dict[str, float]:
             s.graphdef, task=cfg.model.task, method=s.method)
     fn = s.eval_cache[key]
     totals = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
+    trainable = weights(s.state, cfg.train)
     for b in batches:
-        sums = fn(s.state.trainable, s.rest, s.state.opt_state, _place(b, sh))
+        sums = fn(trainable, s.rest, s.state.opt_state, _place(b, sh))
         for k in totals:
             totals[k] += float(sums[k])
     return _step.summarize(totals, task=cfg.model.task)
@@ -292,6 +301,8 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
             w_tokens += _tokens(batch)
             w_examples += len(batch['input_ids'])
             done = step + 1
+            if done == tcfg.steps and tcfg.param_ema:  # finish on the average (export, checkpoint)
+                s.state = s.state._replace(trainable=weights(s.state, tcfg))
             loop_state = s.method.on_step_end(done, _method.LoopState(s.graphdef, s.state, s.rest))
             if _adopt(s, loop_state):  # surgery changed shapes: re-sharded, so re-jit
                 step_fn = compile_step()

@@ -1,4 +1,5 @@
-"""Optax transformations: the mask owner, the decay of pruned weights and the proximal regulariser.
+"""Optax transformations: the mask owner, the decay of pruned weights, the proximal regulariser
+and parameter averaging.
 
 Design (optax style): one factory per mechanism returning ``GradientTransformationExtraArgs``,
 with a ``<Name>State`` NamedTuple. Exactly one transform in a chain owns a field named ``masks``
@@ -9,6 +10,10 @@ arrive as extra args of ``update``.
 
 from jaxprune.transforms._apt_masks import AptMaskState as AptMaskState
 from jaxprune.transforms._apt_masks import apt_masks as apt_masks
+from jaxprune.transforms._average import ParamEmaState as ParamEmaState
+from jaxprune.transforms._average import averaged_params as averaged_params
+from jaxprune.transforms._average import has_param_ema as has_param_ema
+from jaxprune.transforms._average import param_ema as param_ema
 from jaxprune.transforms._decay import MaskedWeightDecayState as MaskedWeightDecayState
 from jaxprune.transforms._decay import masked_weight_decay as masked_weight_decay
 from jaxprune.transforms._group_lasso import GroupLassoState as GroupLassoState
