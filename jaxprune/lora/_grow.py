@@ -21,21 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import _tree
+
 Path = tuple[Any, ...]
-
-
-def _key_name(key: Any) -> Any:
-    for attr in ('key', 'idx', 'name'):
-        if hasattr(key, attr):
-            return getattr(key, attr)
-    return key
 
 
 def adapters(params: Any) -> dict[Path, dict[str, jax.Array]]:
     """``{module_path: {'lora_a': (K, R), 'lora_b': (R, N)}}`` for every adapter in ``params``."""
     out: dict[Path, dict[str, jax.Array]] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        names = tuple(_key_name(k) for k in path)
+        names = _tree.path_names(path)
         if names and names[-1] in ('lora_a', 'lora_b'):
             out.setdefault(names[:-1], {})[names[-1]] = leaf
     return out
@@ -292,7 +287,7 @@ def _map_planned(tree: Any, plan: Mapping[Path, Any], fn: Any) -> Any:
     (the longest part from the left wins); other leaves are returned unchanged."""
 
     def one(path, x):
-        names = tuple(_key_name(k) for k in path)
+        names = _tree.path_names(path)
         for start in range(len(names)):
             for end in range(len(names), start, -1):
                 if names[start:end] in plan:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import _tree
 from jaxprune.scores import _apt as apt_scores
 
 Key = tuple[str, int | None]
@@ -35,14 +36,7 @@ def param_shapes(params: Any) -> dict[tuple[Any, ...], tuple[int, ...]]:
     Accepts arrays or ``jax.ShapeDtypeStruct`` leaves, so ``jax.eval_shape`` output works.
     """
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {tuple(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
-
-
-def _key_name(key: Any) -> Any:
-    for attr in ('key', 'idx', 'name'):
-        if hasattr(key, attr):
-            return getattr(key, attr)
-    return key
+    return {_tree.path_names(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 class _CountPlan:

@@ -78,7 +78,7 @@ from jaxprune.masks import _budget, _structured
 from jaxprune.methods import _apt
 from jaxprune.schedules import _apt as apt_schedules
 from jaxprune.scores import _apt as apt_scores
-from jaxprune.transforms import _apt_masks
+from jaxprune.transforms import _apt_masks, _average
 
 logger = logging.getLogger(__name__)
 
@@ -896,8 +896,12 @@ class AptMethod:
         bucket = self.bucket
         top = max(int(np.sum(np.asarray(m) > 0)) for m in ranks.values())
         wanted = min(math.ceil(top * factor), self.cfg.max_rank)
+        # What the optimizer state (and a parameter average in it) sees of the params: resized
+        # like Adam's moments. The growth's edit relative to it is applied to the average too.
+        seen = params
         if wanted > bucket:
             new_bucket = min(max(2 * bucket, wanted), self.cfg.max_rank)
+            seen = _grow.resize_ranks_like(params, ranks, new_bucket)
             opt_state = _grow.resize_ranks_like(opt_state, ranks, new_bucket)
             params, new_ranks = _grow.resize_ranks(params, ranks, new_bucket, key=key,
                                                    rescale=False)
@@ -912,6 +916,7 @@ class AptMethod:
             params, ranks, rank_ema, key=key, factor=factor,
             max_rank=min(self.cfg.max_rank, bucket),
         )
+        opt_state = _average.shift_average(opt_state, jax.tree.map(jnp.subtract, params, seen))
         return params, opt_state, ranks, rank_ema, bucket
 
     def _log(self, step, count, masks, opt_state, params, *, diff, seconds) -> None:

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import _tree
+
 Key = tuple[str, int | None]
 
 
@@ -38,7 +40,7 @@ def _lora_spec_from_params(params: Any) -> Any:
         return None
     paths, ranks = [], set()
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        names = tuple(_key_name(k) for k in path)
+        names = _tree.path_names(path)
         if names and names[-1] == 'lora_a':
             paths.append('.'.join(str(n) for n in names[:-1]))
             ranks.add(int(leaf.shape[-1]))
@@ -52,13 +54,6 @@ def _lora_spec_from_params(params: Any) -> Any:
 
     rank = ranks.pop()
     return _spec.LoraSpec(rank=rank, alpha=float(rank), targets='|'.join(map(re.escape, paths)))
-
-
-def _key_name(key: Any) -> Any:
-    for attr in ('key', 'idx', 'name'):
-        if hasattr(key, attr):
-            return getattr(key, attr)
-    return key
 
 
 def effective_keep(
@@ -143,7 +138,7 @@ def prune_like(
     plan = _plan(keep, zeroed, structures)
 
     def fn(path, x):
-        names = tuple(_key_name(k) for k in path)
+        names = _tree.path_names(path)
         for start in range(len(names)):
             for end in range(len(names), start, -1):
                 sub = names[start:end]

@@ -132,7 +132,7 @@ def weights(state: _step.TrainState, tcfg: config_lib.TrainCfg) -> Any:
     (bias-corrected; the live params before the first update), else the live params."""
     if not tcfg.param_ema or not transforms.has_param_ema(state.opt_state):
         return state.trainable
-    return transforms.averaged_params(state.trainable, state.opt_state, tcfg.param_ema)
+    return transforms.averaged_params(state.trainable, state.opt_state)
 
 
 def evaluate_state(s: Setup, *, split: str = 'validation') -> dict[str, float]:

@@ -6,17 +6,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxprune import _tree
+
 
 class ParamEmaState(NamedTuple):
-    """State of :func:`param_ema`.
+    r"""State of :func:`param_ema`.
 
     Attributes:
       count: ``int32[]``, number of updates averaged so far.
+      weight: ``f32[]``, the total weight :math:`1 - \delta^t` of the averaged iterates (the bias
+        correction).
       ema: params-shaped pytree, the *biased* moving average (zero-initialised); read it through
-        :func:`averaged_params`, which removes the bias.
+        :func:`averaged_params`, which divides by ``weight``.
     """
 
     count: jax.Array
+    weight: jax.Array
     ema: Any
 
 
@@ -56,7 +61,7 @@ def param_ema(decay: float) -> optax.GradientTransformationExtraArgs:
         raise ValueError(f'param_ema decay={decay} must be in [0, 1)')
 
     def init_fn(params):
-        return ParamEmaState(count=jnp.zeros((), jnp.int32),
+        return ParamEmaState(count=jnp.zeros((), jnp.int32), weight=jnp.zeros((), jnp.float32),
                              ema=jax.tree.map(jnp.zeros_like, params))
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -71,7 +76,9 @@ def param_ema(decay: float) -> optax.GradientTransformationExtraArgs:
             return (decay * e.astype(jnp.float32) + (1 - decay) * new).astype(e.dtype)
 
         ema = jax.tree.map(one, state.ema, params, updates)
-        return updates, ParamEmaState(count=optax.safe_increment(state.count), ema=ema)
+        weight = decay * state.weight + (1 - decay)
+        return updates, ParamEmaState(count=optax.safe_increment(state.count), weight=weight,
+                                      ema=ema)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -86,14 +93,21 @@ def has_param_ema(opt_state: Any) -> bool:
     return bool(_find(opt_state))
 
 
-def averaged_params(params: Any, opt_state: Any, decay: float) -> Any:
+def _only(opt_state: Any) -> ParamEmaState:
+    found = _find(opt_state)
+    if len(found) != 1:
+        raise ValueError(f'expected one ParamEmaState in the optimizer state, found {len(found)}; '
+                         'build the optimizer with param_ema(...) last in the chain')
+    return found[0]
+
+
+def averaged_params(params: Any, opt_state: Any) -> Any:
     """The bias-corrected average held by the :func:`param_ema` state inside ``opt_state``.
 
     Args:
-      params: the live parameters (same structure as the average); returned unchanged when no
-        update has been averaged yet, and used for non-float leaves.
+      params: the live parameters (same structure as the average); returned unchanged before
+        the first averaged update, and used for non-float leaves.
       opt_state: an optimizer state containing exactly one :class:`ParamEmaState`.
-      decay: the decay the transform was built with (needed for the bias correction).
 
     Returns:
       A pytree like ``params``.
@@ -101,18 +115,47 @@ def averaged_params(params: Any, opt_state: Any, decay: float) -> Any:
     Raises:
       ValueError: if ``opt_state`` holds no or several :class:`ParamEmaState`.
     """
-    found = _find(opt_state)
-    if len(found) != 1:
-        raise ValueError(f'expected one ParamEmaState in the optimizer state, found {len(found)}; '
-                         'build the optimizer with param_ema(...) last in the chain')
-    state = found[0]
-    count = state.count
-    correction = 1 - jnp.asarray(decay, jnp.float32) ** count.astype(jnp.float32)
+    state = _only(opt_state)
 
     def one(e, p):
         if not _is_float(p):
             return p
-        avg = (e.astype(jnp.float32) / jnp.maximum(correction, 1e-30)).astype(p.dtype)
-        return jnp.where(count > 0, avg, p)
+        avg = (e.astype(jnp.float32) / jnp.maximum(state.weight, 1e-30)).astype(p.dtype)
+        return jnp.where(state.weight > 0, avg, p)
 
     return jax.tree.map(one, state.ema, params)
+
+
+def shift_average(opt_state: Any, delta: Any) -> Any:
+    """Apply an edit made to the params *outside* the optimizer to their average as well.
+
+    After ``shift_average(opt_state, new - old)`` the average is ``average + (new - old)``: the
+    edit (e.g. LoRA rank growth, which sets fresh ``A`` columns without changing the function)
+    counts as if it had always been there, so the averaged model keeps it. ``delta`` may be any
+    params-shaped pytree (a pure dict or an ``nnx.State``): its leaves are matched to the
+    average's by key path, as :func:`jaxprune.surgery.prune_like` matches optimizer states.
+    Without a :class:`ParamEmaState` in ``opt_state`` this is the identity.
+
+    Args:
+      opt_state: an optimizer state (with zero or one :class:`ParamEmaState`).
+      delta: the change of the params, with the average's shapes.
+
+    Returns:
+      ``opt_state`` with the average shifted by ``delta``.
+    """
+    if not _find(opt_state):
+        return opt_state
+    deltas = {_tree.path_names(path, drop_value=True): d for path, d in jax.tree_util.tree_leaves_with_path(delta)}
+
+    def shift(state: ParamEmaState) -> ParamEmaState:
+        def one(path, e):
+            d = deltas.get(_tree.path_names(path, drop_value=True))
+            if d is None or not _is_float(e):
+                return e
+            return (e.astype(jnp.float32) + state.weight * d.astype(jnp.float32)).astype(e.dtype)
+
+        return state._replace(ema=jax.tree_util.tree_map_with_path(one, state.ema))
+
+    is_state = lambda x: isinstance(x, ParamEmaState)
+    return jax.tree.map(lambda x: shift(x) if is_state(x) else x, opt_state, is_leaf=is_state)
+

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from jaxprune.methods import _apt_train  # registers prune.method=apt  # isort: skip
-from jaxprune import checkpoint, config, surgery, train
+from jaxprune import checkpoint, config, surgery, train, transforms
 from jaxprune.masks import _budget
 from jaxprune.methods import _apt_export
 from jaxprune.models import _bert, _structures
@@ -219,7 +219,9 @@ def test_hidden_distillation_matches_reference(tmp_path):
 @pytest.mark.parametrize('seed', [0, 1])
 def test_pruning_step_compacted_equals_masked(tmp_path, seed):
     """Hard masks -> surgery: logits equal (atol 1e-5), params match the budget, ranks grow."""
-    cfg = _cfg(tmp_path, 'train.steps=12', 'prune.num_pruning_steps=2')
+    # Seed 1 also averages the params (train.param_ema): the average must be cut like them.
+    cfg = _cfg(tmp_path, 'train.steps=12', 'prune.num_pruning_steps=2',
+               *(['train.param_ema=0.9'] if seed else []))
     s = _loop.setup(cfg)
     method = s.method
     opt_state = s.state.opt_state
@@ -236,13 +238,21 @@ def test_pruning_step_compacted_equals_masked(tmp_path, seed):
         lambda x: x + 0.05 * jax.random.normal(jax.random.key(seed), x.shape, x.dtype),
         ts.trainable)
     ts = ts._replace(trainable=trainable)
+    if seed:  # one averaged update equal to the current params: the average is the params
+        ts = ts._replace(opt_state=jax.tree.map(
+            lambda x: x._replace(count=jnp.ones_like(x.count), weight=jnp.float32(0.1),
+                                 ema=jax.tree.map(lambda p: 0.1 * p, trainable))
+            if isinstance(x, transforms.ParamEmaState) else x,
+            ts.opt_state, is_leaf=lambda x: isinstance(x, transforms.ParamEmaState)))
     model = nnx.merge(s.graphdef, ts.trainable, s.rest)
     batch = method._probe()
     masked = model(batch['input_ids'], batch['attention_mask'],
                    masks=method.model_masks({'units': units, 'rank': masks['rank']}))
     old_ranks = {k: int(np.sum(np.asarray(v) > 0)) for k, v in masks['rank'].items()}
     count = method.steps[-1]  # LoRA growth starts after the first pruning step
+    old_bucket = method.bucket
     new = method.pruning_step(count, _method.LoopState(s.graphdef, ts, s.rest))
+    assert method.bucket > old_bucket  # the adapters were resized to a larger bucket as well
     assert new.graphdef is not s.graphdef  # shapes changed: the loop re-jits
     new_masks = optax.tree.get(new.state.opt_state, 'masks')
     compacted = nnx.merge(new.graphdef, new.state.trainable, new.rest)(
@@ -264,6 +274,10 @@ def test_pruning_step_compacted_equals_masked(tmp_path, seed):
     assert jax.tree.map(jnp.shape, nu) == jax.tree.map(jnp.shape, new.state.trainable)
     teacher = new_masks['teacher']
     assert jax.tree.map(jnp.shape, teacher) == jax.tree.map(jnp.shape, new.state.trainable)
+    if seed:  # the parameter average was sliced and rank-resized exactly like the params
+        avg = transforms.averaged_params(new.state.trainable, new.state.opt_state)
+        for a, b in zip(jax.tree.leaves(avg), jax.tree.leaves(new.state.trainable)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     # The distillation projections (and their Adam moments) lost the pruned hidden dims.
     idx = np.flatnonzero(keep[('hidden', None)])
     assert len(idx) < proj.shape[-1]

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import checkpoint, cli, config, train
+from jaxprune import checkpoint, cli, config, train, transforms
 from jaxprune.train import _data, _method
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -270,3 +270,48 @@ def test_method_meta_is_checkpointed_and_restored_per_step_tried(tiny):
     # The failed reads' futures are garbage now: collect them here, inside the test, so asyncio's
     # "Future exception was never retrieved" goes to the captured log, not to stderr at exit.
     gc.collect()
+
+
+def test_param_ema_evaluates_and_finishes_on_the_average_of_the_iterates(tiny, tmp_path):
+    steps, decay = 5, 0.6
+    common = (f'train.steps={steps}', 'checkpoint.every=1', f'checkpoint.keep={steps}',
+              'train.log_every=1', 'train.eval_every=2')
+    plain = tiny(*common, f'run_dir={tmp_path / "plain"}')
+    avg = tiny(*common, f'run_dir={tmp_path / "avg"}', f'train.param_ema={decay}')
+    train.train(plain, progress=False)
+    final = train.train(avg, progress=False)
+
+    def restored(cfg):
+        s = train.setup(cfg)
+        with checkpoint.Checkpointer(cfg.checkpoint_dir) as ckpt:
+            return s, [ckpt.restore(t, target=jax.eval_shape(lambda: s.state))[0].trainable
+                       for t in range(1, steps + 1)]
+
+    _, iterates = restored(plain)
+    s, got = restored(avg)
+    leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]
+    for a, b in zip(leaves(got[steps - 2]), leaves(iterates[steps - 2])):
+        np.testing.assert_array_equal(a, b)  # averaging does not change the training iterates
+    weights = [(1 - decay) * decay ** (steps - 1 - i) for i in range(steps)]
+    norm = 1 - decay ** steps
+    ref = [sum(w * x for w, x in zip(weights, xs)) / norm
+           for xs in zip(*(leaves(it) for it in iterates))]
+    changed = False
+    for a, b, last in zip(leaves(got[-1]), ref, leaves(iterates[-1])):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)  # the last state holds the average
+        changed |= not np.allclose(a, last)
+    assert changed, 'the average equals the last iterate: the test cannot tell them apart'
+    # Periodic evals use the average: the logged step-2 eval is an eval of the average then, and
+    # differs from an eval of the live params.
+    with checkpoint.Checkpointer(avg.checkpoint_dir) as ckpt:
+        state, _ = ckpt.restore(2, target=jax.eval_shape(lambda: s.state))
+    live = train.setup(plain)  # same model, no averaging: evaluates state.trainable as is
+    live.state = state
+    live_loss = train.evaluate_state(live)['loss']
+    live.state = state._replace(trainable=transforms.averaged_params(
+        state.trainable, state.opt_state))
+    logged = _events(avg.run_dir, 'eval')[0]
+    assert logged['step'] == 2
+    assert logged['loss'] == pytest.approx(train.evaluate_state(live)['loss'], rel=1e-6)
+    assert logged['loss'] != pytest.approx(live_loss, rel=1e-6)
+    assert final['step'] == steps
