@@ -417,7 +417,8 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
       an :class:`AtpRun`.
 
     Raises:
-      ValueError: wrong method, task, architecture, or LoRA disabled; more than one process
+      ValueError: wrong method, task, architecture, LoRA disabled or ``train.param_ema`` set;
+        more than one process
         (the LLM, LoRA and optimizer state are sharded over ``run_cfg.mesh`` within one
         process; the generator is replicated); checkpoints present with
         ``checkpoint.resume=false``, or written with another config (all fields but
@@ -431,6 +432,10 @@ def run_atp(run_cfg: config_lib.RunCfg, *, progress: bool | None = None,
         raise TypeError(f'prune.method={pcfg.method!r}; train_atp needs prune.method=atp')
     if run_cfg.model.task != 'causal_lm':
         raise ValueError(f'model.task={run_cfg.model.task!r}; ATP here supports causal_lm')
+    if tcfg.param_ema:
+        raise ValueError(f'train.param_ema={tcfg.param_ema}: the ATP driver does not average '
+                         'parameters (its masks are generated from the live LoRA weights); set '
+                         'train.param_ema=0')
     if not run_cfg.lora.enabled:
         raise ValueError('lora.enabled=false; ATP trains LoRA adapters: set lora.enabled=true '
                          "(targets e.g. '.*\\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj"

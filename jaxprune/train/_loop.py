@@ -257,8 +257,6 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
         return driver(cfg, progress=progress)
     run_dir = pathlib.Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:  # one writer per run directory
-        config_lib.save_config(cfg, run_dir / 'config.yaml')
     s = setup(cfg, mesh=mesh)
     tcfg, task = cfg.train, cfg.model.task
     ckpts = _checkpointer(cfg)
@@ -269,11 +267,23 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
             f'checkpoint.resume=false but {str(cfg.checkpoint_dir)!r} holds checkpoints; '
             'pass checkpoint.resume=true or a fresh run_dir')
     if cfg.checkpoint.resume:
-        found = _restore(s, ckpts)
+        try:
+            found = _restore(s, ckpts)
+        except ValueError as e:
+            ckpts.close()
+            if 'does not match the restore target' not in str(e):
+                raise
+            raise ValueError(
+                f'{e}\nThe checkpoints in {str(cfg.checkpoint_dir)!r} were written with other '
+                'model / lora / prune / train.param_ema settings than this config (they shape '
+                'the state). Resume with the settings of the saved run, or use a fresh run_dir; '
+                'the checkpoints are left as they are.') from None
         if found is not None:
             _, meta = found
             data_position = int(meta['data_position'])
             logger.info('resumed from step %d (data position %d)', meta['step'], data_position)
+    if jax.process_index() == 0:  # one writer per run directory; after a resume is accepted, so
+        config_lib.save_config(cfg, run_dir / 'config.yaml')  # a refused one keeps the saved run's
     start = int(s.state.step)
     log = _metrics.MetricsLogger(run_dir, total_steps=tcfg.steps, start_step=start,
                                  progress=progress)

@@ -218,6 +218,14 @@ def test_train_atp_refuses_several_processes(monkeypatch, tmp_path):
         _atp_train.run_atp(cfg, progress=False)
 
 
+def test_train_atp_refuses_parameter_averaging(tmp_path):
+    cfg = config.load_config(ROOT / 'configs' / 'atp_tiny.yaml',
+                             [f'run_dir={tmp_path}', 'train.param_ema=0.9'])
+    with pytest.raises(ValueError, match='train.param_ema=0'):
+        _atp_train.run_atp(cfg, progress=False)
+    assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
 @pytest.mark.slow
 def test_export_smollm2_equals_masked():
     """SmolLM2-135M with projected random-generator masks: exported == masked (atol 1e-4)."""

@@ -315,3 +315,16 @@ def test_param_ema_evaluates_and_finishes_on_the_average_of_the_iterates(tiny, t
     assert logged['loss'] == pytest.approx(train.evaluate_state(live)['loss'], rel=1e-6)
     assert logged['loss'] != pytest.approx(live_loss, rel=1e-6)
     assert final['step'] == steps
+
+
+def test_resume_with_a_state_changing_setting_is_refused_and_keeps_the_run(tiny):
+    cfg = tiny('train.steps=3', 'checkpoint.every=3')
+    train.train(cfg, progress=False)
+    saved = (pathlib.Path(cfg.run_dir) / 'config.yaml').read_text()
+    changed = tiny('train.steps=6', 'checkpoint.every=3', 'train.param_ema=0.9')
+    with pytest.raises(ValueError, match='train.param_ema settings') as e:
+        train.train(changed, progress=False)
+    assert 'fresh run_dir' in str(e.value)
+    assert (pathlib.Path(cfg.run_dir) / 'config.yaml').read_text() == saved
+    with checkpoint.Checkpointer(cfg.checkpoint_dir) as ckpt:
+        assert ckpt.all_steps() == [3]
