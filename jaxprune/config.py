@@ -165,8 +165,8 @@ class TrainCfg:
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f'train.{name}={getattr(self, name)} must be in [0, 1)')
         if not 0 <= self.param_ema < 1:
-            raise ValueError(f'train.param_ema={self.param_ema} must be in [0, 1): the decay of the '
-                             'parameter average, e.g. 0.98 (about 50 steps); 0 disables it')
+            raise ValueError(f'train.param_ema={self.param_ema} must be in [0, 1): the decay of '
+                             'the parameter average, e.g. 0.98 (about 50 steps); 0 disables it')
         if self.optimizer != 'adamw':
             raise ValueError(f"train.optimizer={self.optimizer!r} is not supported; use 'adamw'")
 

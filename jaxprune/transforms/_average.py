@@ -83,9 +83,12 @@ def param_ema(decay: float) -> optax.GradientTransformationExtraArgs:
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _is_state(x: Any) -> bool:
+    return isinstance(x, ParamEmaState)
+
+
 def _find(opt_state: Any) -> list[ParamEmaState]:
-    is_state = lambda x: isinstance(x, ParamEmaState)
-    return [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
+    return [x for x in jax.tree.leaves(opt_state, is_leaf=_is_state) if _is_state(x)]
 
 
 def has_param_ema(opt_state: Any) -> bool:
@@ -145,7 +148,8 @@ def shift_average(opt_state: Any, delta: Any) -> Any:
     """
     if not _find(opt_state):
         return opt_state
-    deltas = {_tree.path_names(path, drop_value=True): d for path, d in jax.tree_util.tree_leaves_with_path(delta)}
+    deltas = {_tree.path_names(path, drop_value=True): d
+              for path, d in jax.tree_util.tree_leaves_with_path(delta)}
 
     def shift(state: ParamEmaState) -> ParamEmaState:
         def one(path, e):
@@ -156,6 +160,5 @@ def shift_average(opt_state: Any, delta: Any) -> Any:
 
         return state._replace(ema=jax.tree_util.tree_map_with_path(one, state.ema))
 
-    is_state = lambda x: isinstance(x, ParamEmaState)
-    return jax.tree.map(lambda x: shift(x) if is_state(x) else x, opt_state, is_leaf=is_state)
+    return jax.tree.map(lambda x: shift(x) if _is_state(x) else x, opt_state, is_leaf=_is_state)
 
