@@ -35,6 +35,7 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
 _BASE_KEYS = ('base', 'defaults')
 _TASKS = ('classification', 'causal_lm')
 _DTYPES = ('float32', 'bfloat16', 'float16')
+_POOLINGS = ('cls', 'mean')
 
 
 def _positive(name: str, value: float, fix: str) -> None:
@@ -60,6 +61,9 @@ class ModelCfg:
     num_labels: int = 2
     dtype: str = 'float32'  # frozen weights and computation
     param_dtype: str = 'float32'  # trained parameters and optimizer state
+    # Classification head input: 'cls' (first token, as HF) or 'mean' (mean over real tokens, as
+    # sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained).
+    pooling: str = 'cls'
 
     def __post_init__(self):
         if not self.name_or_path:
@@ -68,6 +72,11 @@ class ModelCfg:
             raise ValueError(f'model.task={self.task!r} must be one of {_TASKS}')
         if self.task == 'classification' and self.num_labels < 2:
             raise ValueError(f'model.num_labels={self.num_labels} must be >= 2 for classification')
+        if self.pooling not in _POOLINGS:
+            raise ValueError(f'model.pooling={self.pooling!r} must be one of {_POOLINGS}')
+        if self.pooling != 'cls' and self.task != 'classification':
+            raise ValueError(f'model.pooling={self.pooling!r} applies to classification only; '
+                             f'drop it for model.task={self.task!r}')
         for name in ('dtype', 'param_dtype'):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f'model.{name}={getattr(self, name)!r} must be one of {_DTYPES}')

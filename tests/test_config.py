@@ -105,6 +105,8 @@ def test_unknown_key_in_yaml_names_full_dotted_key(tmp_path):
     ('mesh.data=0', 'mesh.data'),
     ('train.steps=abc', 'train.steps'),
     ('train.full_finetune=3', 'train.full_finetune'),
+    ('train.param_ema=1.0', 'train.param_ema'),
+    ('model.pooling=max', 'model.pooling'),
 ])
 def test_invalid_values_name_the_field(item, field):
     if field is None:  # a valid override: must not raise
@@ -112,6 +114,12 @@ def test_invalid_values_name_the_field(item, field):
         return
     with pytest.raises(ValueError, match=field.replace('.', r'\.')):
         config.load_config(None, [item])
+
+
+def test_mean_pooling_is_for_classifiers_only():
+    assert config.load_config(None, ['model.pooling=mean']).model.pooling == 'mean'
+    with pytest.raises(ValueError, match='classification only'):
+        config.load_config(None, ['model.pooling=mean', 'model.task=causal_lm'])
 
 
 def test_bad_override_syntax():

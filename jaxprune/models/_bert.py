@@ -2,7 +2,9 @@
 
 Post-LN blocks: ``x = LN(x + Attn(x)); x = LN(x + FFN(x))``. The classification head is the same
 computation for both types: ``classifier(tanh(pooler(x[:, 0])))`` (BERT's pooler + classifier;
-RoBERTa's ``classifier.dense`` + ``classifier.out_proj`` map onto the same modules).
+RoBERTa's ``classifier.dense`` + ``classifier.out_proj`` map onto the same modules). With
+``pooling='mean'`` the head reads the mean of the non-padding tokens instead of ``x[:, 0]`` (the
+sentence embedding of sentence-transformers checkpoints such as all-MiniLM-L6-v2).
 Masks and taps follow the layout documented in ``jaxprune.models``.
 """
 
@@ -21,6 +23,7 @@ from jaxprune.lora import _spec as lora_spec
 from jaxprune.models import _layers, _llama
 
 MODEL_TYPES = ('bert', 'roberta')
+POOLINGS = ('cls', 'mean')
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -31,7 +34,9 @@ class BertConfig(_layers.PerLayerSizes):
     position ``pad_token_id``). ``layer_heads``/``layer_mlp`` hold per-layer sizes after pruning.
     ``pooler_size`` is the pooler's output width; ``None`` resolves to ``hidden_size`` at
     construction, so ``dataclasses.replace(config, hidden_size=n)`` (hidden-dim pruning, which
-    slices only the pooler's input) keeps the original pooler width.
+    slices only the pooler's input) keeps the original pooler width. ``pooling`` is what the head
+    reads: ``'cls'`` (the first token, as Hugging Face's ``*ForSequenceClassification``) or
+    ``'mean'`` (the mean over the attention mask, as sentence-transformers).
     """
 
     model_type: str = 'bert'
@@ -49,10 +54,13 @@ class BertConfig(_layers.PerLayerSizes):
     layer_heads: tuple[int, ...] | None = None
     layer_mlp: tuple[int, ...] | None = None
     pooler_size: int | None = None
+    pooling: str = 'cls'
 
     def __post_init__(self):
         if self.pooler_size is None:
             object.__setattr__(self, 'pooler_size', self.hidden_size)
+        if self.pooling not in POOLINGS:
+            raise ValueError(f'{self.pooling=} must be one of {POOLINGS}')
         for name in ('layer_heads', 'layer_mlp'):
             v = getattr(self, name)
             if v is not None:
@@ -151,6 +159,11 @@ class BertConfig(_layers.PerLayerSizes):
             raise ValueError(
                 f'per-layer sizes ({self.layer_heads=}, {self.layer_mlp=}) cannot be written as a '
                 'Hugging Face config; export a uniform model or keep the jaxprune checkpoint'
+            )
+        if self.pooling != 'cls':
+            raise ValueError(
+                f'{self.pooling=}: Hugging Face *ForSequenceClassification reads the first token; '
+                'keep the jaxprune checkpoint for a mean-pooling head'
             )
         if self.pooler_size != self.hidden_size:
             raise ValueError(
@@ -294,6 +307,17 @@ class Block(nnx.Module):
         return x, acts
 
 
+def pool(x: Float[Array, 'B T D'], attention_mask: Int[Array, 'B T'] | None,
+         pooling: str) -> Float[Array, 'B D']:
+    """The head's input: the first token (``'cls'``) or the mean over the attention mask."""
+    if pooling == 'cls':
+        return x[:, 0]
+    if attention_mask is None:
+        return jnp.mean(x, axis=1)
+    m = attention_mask.astype(x.dtype)[..., None]
+    return jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1)
+
+
 class BertForSequenceClassification(nnx.Module):
     """BERT/RoBERTa encoder + ``classifier(tanh(pooler(h[:, 0])))``.
 
@@ -415,7 +439,8 @@ class BertForSequenceClassification(nnx.Module):
             input_ids, attention_mask, masks=masks, taps=taps, lora_aware=lora_aware,
             output_hidden_states=True,
         )
-        pooled = jnp.tanh(self.pooler(x[:, 0], lora_aware=lora_aware))
+        pooled = jnp.tanh(self.pooler(pool(x, attention_mask, self.config.pooling),
+                                      lora_aware=lora_aware))
         logits = self.classifier(pooled, lora_aware=lora_aware)
         return _llama.outputs(logits, acts if taps is not None else None,
                               outs if output_hidden_states else None)
@@ -429,7 +454,4 @@ class BertForSequenceClassification(nnx.Module):
     ) -> Float[Array, 'B D']:
         """Sentence embeddings: last hidden states mean-pooled over real tokens."""
         x, _ = self.hidden_states(input_ids, attention_mask, masks=masks)
-        if attention_mask is None:
-            return jnp.mean(x, axis=1)
-        w = attention_mask.astype(x.dtype)[..., None]
-        return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1e-9)
+        return pool(x, attention_mask, 'mean')

@@ -206,6 +206,7 @@ def load_pretrained(
     *,
     dtype: Any = jnp.float32,
     num_labels: int | None = None,
+    pooling: str | None = None,
     lora: lora_spec.LoraSpec | None = None,
     rngs: nnx.Rngs | None = None,
 ) -> tuple[nnx.Module, Any]:
@@ -218,6 +219,8 @@ def load_pretrained(
       dtype: parameter dtype.
       num_labels: classifier width for BERT/RoBERTa (default: from ``config.json``). A classifier
         missing from the checkpoint, or of a different width, is initialised fresh.
+      pooling: BERT/RoBERTa head input, ``'cls'`` or ``'mean'`` (default ``'cls'``); see
+        :class:`jaxprune.models.BertConfig`. Must be ``None`` for decoders.
       lora: optional ``LoraSpec``; adapters start at ``B = 0`` (the loaded function is unchanged).
       rngs: initialisation RNGs for parameters not in the checkpoint (default ``nnx.Rngs(0)``).
 
@@ -251,7 +254,11 @@ def load_pretrained(
     prefix, rules = ARCHITECTURES[model_type]
     if model_type in _bert.MODEL_TYPES:
         config = _bert.BertConfig.from_hf(hf_cfg, num_labels=num_labels)
+        if pooling is not None:
+            config = dataclasses.replace(config, pooling=pooling)
     else:
+        if pooling is not None:
+            raise ValueError(f'{pooling=} applies to BERT/RoBERTa classifiers, not {model_type=}')
         config = _llama.LlamaConfig.from_hf(hf_cfg)
     tensors = _Tensors(path)
     model = _build(config, lora=lora, dtype=dtype, rngs=rngs or nnx.Rngs(0))

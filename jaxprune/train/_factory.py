@@ -61,7 +61,8 @@ def build_model(model_cfg: Any, lora_cfg: Any) -> tuple[nnx.Module, Any, Any]:
     if name in TINY_MODELS:
         if name == 'tiny-bert':
             _check_task(model_cfg, 'classification')
-            arch = models.BertConfig.tiny(vocab_size=TINY_VOCAB, num_labels=model_cfg.num_labels)
+            arch = models.BertConfig.tiny(vocab_size=TINY_VOCAB, num_labels=model_cfg.num_labels,
+                                          pooling=model_cfg.pooling)
             model = models.BertForSequenceClassification(
                 arch, lora=spec, param_dtype=param_dtype, rngs=rngs)
         else:
@@ -73,9 +74,10 @@ def build_model(model_cfg: Any, lora_cfg: Any) -> tuple[nnx.Module, Any, Any]:
     from jaxprune import assets
 
     path = assets.resolve_model(name)
-    num_labels = model_cfg.num_labels if model_cfg.task == 'classification' else None
+    classify = model_cfg.task == 'classification'
     model, arch = models.load_pretrained(
-        path, dtype=param_dtype, num_labels=num_labels, lora=spec, rngs=rngs)
+        path, dtype=param_dtype, num_labels=model_cfg.num_labels if classify else None,
+        pooling=model_cfg.pooling if classify else None, lora=spec, rngs=rngs)
     is_lm = isinstance(arch, models.LlamaConfig)
     _check_task(model_cfg, 'causal_lm' if is_lm else 'classification')
     return model, arch, load_tokenizer(path)

@@ -27,8 +27,8 @@ def _perturb_lora(model, seed=0):
     return model
 
 
-def _bert_pruned(uniform: bool):
-    cfg = _bert.BertConfig.tiny()
+def _bert_pruned(uniform: bool, pooling: str = 'cls'):
+    cfg = _bert.BertConfig.tiny(pooling=pooling)
     lora = _spec.LoraSpec(rank=4, alpha=8.0, targets=r'layers\.\d+\.(attn\.query|mlp\.up)')
     model = _perturb_lora(_bert.BertForSequenceClassification(cfg, lora=lora, rngs=nnx.Rngs(0)))
     structs = _structures.structures(cfg, lora=lora)
@@ -47,10 +47,11 @@ def _ids(vocab, shape=(2, 12)):
     return jnp.asarray(np.random.default_rng(1).integers(1, vocab, size=shape), jnp.int32)
 
 
-@pytest.mark.parametrize('uniform', [False, True])
-def test_save_pruned_roundtrip_matches_logits(tmp_path, uniform):
-    """jaxprune load -> same logits as the pruned model with LoRA (atol 1e-5)."""
-    model, cfg = _bert_pruned(uniform)
+@pytest.mark.parametrize('uniform,pooling', [(False, 'cls'), (True, 'cls'), (True, 'mean')])
+def test_save_pruned_roundtrip_matches_logits(tmp_path, uniform, pooling):
+    """jaxprune load -> same logits as the pruned model with LoRA (atol 1e-5); a mean-pooling
+    head round-trips through the jaxprune folder only (transformers reads the first token)."""
+    model, cfg = _bert_pruned(uniform, pooling)
     ids = _ids(cfg.vocab_size)
     am = jnp.ones_like(ids).at[1, 9:].set(0)
     ref = model(ids, am)
@@ -59,8 +60,10 @@ def test_save_pruned_roundtrip_matches_logits(tmp_path, uniform):
     loaded, lcfg = _apt_export.load_pruned(tmp_path)
     assert lcfg == cfg
     np.testing.assert_allclose(np.asarray(loaded(ids, am)), np.asarray(ref), atol=1e-5)
-    assert info['hf'] is uniform
-    assert (tmp_path / 'config.json').exists() is uniform
+    hf = uniform and pooling == 'cls'
+    assert lcfg.pooling == pooling
+    assert info['hf'] is hf
+    assert (tmp_path / 'config.json').exists() is hf
     meta = json.loads((tmp_path / 'jaxprune.json').read_text())
     assert meta['config']['layer_mlp'] == [cfg.mlp(i) for i in range(cfg.num_layers)]
     assert info['params'] == sum(x.size for x in jax.tree.leaves(nnx.state(loaded, nnx.Param)))

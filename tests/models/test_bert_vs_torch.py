@@ -97,3 +97,29 @@ def test_encoder_without_prefix_loads_and_encodes(tmp_path):
     ours = np.asarray(model.encode(jnp.asarray(ids), jnp.asarray(mask)))
     np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
     assert model(jnp.asarray(ids), jnp.asarray(mask)).shape == (3, 5)
+
+
+def test_mean_pooling_head_matches_torch_reference(tmp_path):
+    """pooling='mean': classifier(tanh(pooler(mean of the real tokens))), computed in torch."""
+    hf = _hf_model('bert')
+    hf.save_pretrained(tmp_path / 'hf')
+    ids, mask = _inputs(0)
+    with torch.no_grad():
+        h = hf.bert(torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
+        m = torch.tensor(mask, dtype=h.dtype)[..., None]
+        mean = (h * m).sum(1) / m.sum(1)
+        ref = hf.classifier(torch.tanh(hf.bert.pooler.dense(mean))).numpy()
+    model, config = _hf.load_pretrained(tmp_path / 'hf', pooling='mean')
+    assert config.pooling == 'mean'
+    ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
+    assert np.abs(ours - _logits(hf, ids, mask)).max() > 10 * TOL  # not the CLS head
+    # Extra padding changes nothing.
+    padded_ids = np.pad(ids, ((0, 0), (0, 4)))
+    padded_mask = np.pad(mask, ((0, 0), (0, 4)))
+    np.testing.assert_allclose(
+        np.asarray(model(jnp.asarray(padded_ids), jnp.asarray(padded_mask))), ours,
+        atol=1e-5, rtol=0)
+    # Hugging Face's classifier reads the first token: no HF export of a mean-pooling head.
+    with pytest.raises(ValueError, match='mean-pooling'):
+        _hf.save_pretrained(model, config, tmp_path / 'out')

@@ -50,6 +50,12 @@ def test_missing_folder_and_files(tmp_path, llama_dir):
         _hf.load_pretrained(tmp_path / 'missing.gguf')
 
 
+def test_pooling_is_refused_for_decoders(llama_dir):
+    folder, _ = llama_dir
+    with pytest.raises(ValueError, match="pooling='mean' applies to BERT"):
+        _hf.load_pretrained(folder, pooling='mean')
+
+
 def test_unknown_model_type(llama_dir):
     folder, _ = llama_dir
     cfg = json.loads((folder / 'config.json').read_text())
@@ -204,6 +210,8 @@ def test_bert_config_validation():
         _bert.BertConfig.tiny(model_type='electra')
     with pytest.raises(ValueError, match='layer_mlp'):
         _bert.BertConfig.tiny(layer_mlp=(3,))
+    with pytest.raises(ValueError, match='pooling'):
+        _bert.BertConfig.tiny(pooling='max')
 
 
 def test_presets_param_counts():
