@@ -25,10 +25,12 @@ from jaxprune.checkpoint._checkpointer import (
     Checkpointer,
     CorruptCheckpointError,
     NonFiniteStateError,
+    StateMismatchError,
     as_directory,
 )
 from jaxprune.checkpoint._diff import tree_diff
 
 __all__ = [
-    'Checkpointer', 'CorruptCheckpointError', 'NonFiniteStateError', 'as_directory', 'tree_diff',
+    'Checkpointer', 'CorruptCheckpointError', 'NonFiniteStateError', 'StateMismatchError',
+    'as_directory', 'tree_diff',
 ]

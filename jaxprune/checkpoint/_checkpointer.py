@@ -30,6 +30,11 @@ class CorruptCheckpointError(RuntimeError):
     """Raised when a checkpoint step exists but cannot be read (truncated / missing files)."""
 
 
+class StateMismatchError(ValueError):
+    """Raised when a readable checkpoint's tree differs from the restore target (another model,
+    optimizer or method settings); the message lists the differences."""
+
+
 def as_directory(directory: str | pathlib.Path | epath.Path) -> pathlib.Path | epath.Path:
     """A checkpoint directory as a path object: URLs stay URLs, local paths become absolute.
 
@@ -311,8 +316,8 @@ class Checkpointer:
 
         Raises:
           FileNotFoundError: if the directory has no checkpoint or ``step`` is not on disk.
-          ValueError: if the saved tree differs from ``target``; the message lists missing and
-            unexpected key paths and shape/dtype differences.
+          StateMismatchError: (a ``ValueError``) if the saved tree differs from ``target``; the
+            message lists missing and unexpected key paths and shape/dtype differences.
           CorruptCheckpointError: if the step's files are truncated or missing; the message
             names the directory and the previous step to fall back to.
         """
@@ -340,7 +345,7 @@ class Checkpointer:
         diff = _diff.tree_diff(storage_target, found)
         if diff:
             lines = '\n  '.join(diff)
-            raise ValueError(
+            raise StateMismatchError(
                 f'checkpoint {step=} in {self.directory} does not match the restore target '
                 f'({len(diff)} differences; expected = target, found = checkpoint):\n  {lines}\n'
                 'Build the target from the same model config/optimizer as the saved run.'

@@ -24,8 +24,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxprune import checkpoint, distributed, transforms
 from jaxprune import config as config_lib
-from jaxprune import distributed, transforms
 from jaxprune.train import _data, _factory, _method, _metrics, _step
 
 logger = logging.getLogger(__name__)
@@ -164,8 +164,6 @@ def _tokens(batch: dict[str, np.ndarray]) -> int:
 
 
 def _checkpointer(cfg: config_lib.RunCfg):
-    from jaxprune import checkpoint
-
     return checkpoint.Checkpointer(cfg.checkpoint_dir, max_to_keep=cfg.checkpoint.keep)
 
 
@@ -269,11 +267,9 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
     if cfg.checkpoint.resume:
         try:
             found = _restore(s, ckpts)
-        except ValueError as e:
+        except checkpoint.StateMismatchError as e:
             ckpts.close()
-            if 'does not match the restore target' not in str(e):
-                raise
-            raise ValueError(
+            raise checkpoint.StateMismatchError(
                 f'{e}\nThe checkpoints in {str(cfg.checkpoint_dir)!r} were written with other '
                 'model / lora / prune / train.param_ema settings than this config (they shape '
                 'the state). Resume with the settings of the saved run, or use a fresh run_dir; '

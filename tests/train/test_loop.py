@@ -322,7 +322,7 @@ def test_resume_with_a_state_changing_setting_is_refused_and_keeps_the_run(tiny)
     train.train(cfg, progress=False)
     saved = (pathlib.Path(cfg.run_dir) / 'config.yaml').read_text()
     changed = tiny('train.steps=6', 'checkpoint.every=3', 'train.param_ema=0.9')
-    with pytest.raises(ValueError, match='train.param_ema settings') as e:
+    with pytest.raises(checkpoint.StateMismatchError, match='train.param_ema settings') as e:
         train.train(changed, progress=False)
     assert 'fresh run_dir' in str(e.value)
     assert (pathlib.Path(cfg.run_dir) / 'config.yaml').read_text() == saved
