@@ -267,7 +267,7 @@ def resize_ranks_like(tree: Any, rank_masks: Mapping[Path, jax.Array], bucket: i
         pad[axis] = (0, bucket - active.size)
         return jnp.pad(kept, pad)
 
-    return _map_planned(tree, plan, resize)
+    return _tree.map_planned(tree, plan, resize)
 
 
 def zero_inactive_ranks(tree: Any, rank_masks: Mapping[Path, jax.Array]) -> Any:
@@ -279,19 +279,5 @@ def zero_inactive_ranks(tree: Any, rank_masks: Mapping[Path, jax.Array]) -> Any:
     matched like :func:`resize_ranks_like`; other leaves are returned unchanged.
     """
     plan = {tuple(p) + ('lora_b',): np.asarray(m) > 0 for p, m in rank_masks.items()}
-    return _map_planned(tree, plan, lambda x, on: x * jnp.asarray(on, x.dtype)[:, None])
+    return _tree.map_planned(tree, plan, lambda x, on: x * jnp.asarray(on, x.dtype)[:, None])
 
-
-def _map_planned(tree: Any, plan: Mapping[Path, Any], fn: Any) -> Any:
-    """``fn(leaf, plan[key])`` for every leaf with a contiguous part of its key path in ``plan``
-    (the longest part from the left wins); other leaves are returned unchanged."""
-
-    def one(path, x):
-        names = _tree.path_names(path)
-        for start in range(len(names)):
-            for end in range(len(names), start, -1):
-                if names[start:end] in plan:
-                    return fn(x, plan[names[start:end]])
-        return x
-
-    return jax.tree_util.tree_map_with_path(one, tree)

@@ -137,16 +137,9 @@ def prune_like(
     keep, zeroed = effective_keep(keep, structures)
     plan = _plan(keep, zeroed, structures)
 
-    def fn(path, x):
-        names = _tree.path_names(path)
-        for start in range(len(names)):
-            for end in range(len(names), start, -1):
-                sub = names[start:end]
-                if sub in plan and (shapes is None or tuple(np.shape(x)) == tuple(shapes[sub])):
-                    return _apply(x, plan[sub])
-        return x
-
-    return jax.tree_util.tree_map_with_path(fn, tree)
+    accept = None if shapes is None else (
+        lambda part, x: tuple(np.shape(x)) == tuple(shapes[part]))
+    return _tree.map_planned(tree, plan, _apply, accept=accept)
 
 
 def pruned_config(config: Any, keep: Mapping[Key, Any], structures: Sequence[Any]) -> Any:

@@ -148,17 +148,16 @@ def shift_average(opt_state: Any, delta: Any) -> Any:
     """
     if not _find(opt_state):
         return opt_state
-    deltas = {_tree.path_names(path, drop_value=True): d
-              for path, d in jax.tree_util.tree_leaves_with_path(delta)}
+    plan = {_tree.path_names(path, drop_value=True): d
+            for path, d in jax.tree_util.tree_leaves_with_path(delta)}
 
     def shift(state: ParamEmaState) -> ParamEmaState:
-        def one(path, e):
-            d = deltas.get(_tree.path_names(path, drop_value=True))
-            if d is None or not _is_float(e):
+        def one(e, d):
+            if not _is_float(e):
                 return e
             return (e.astype(jnp.float32) + state.weight * d.astype(jnp.float32)).astype(e.dtype)
 
-        return state._replace(ema=jax.tree_util.tree_map_with_path(one, state.ema))
+        return state._replace(ema=_tree.map_planned(state.ema, plan, one))
 
     return jax.tree.map(lambda x: shift(x) if _is_state(x) else x, opt_state, is_leaf=_is_state)
 
