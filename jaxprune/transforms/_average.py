@@ -16,8 +16,9 @@ class ParamEmaState(NamedTuple):
       count: ``int32[]``, number of updates averaged so far.
       weight: ``f32[]``, the total weight :math:`1 - \delta^t` of the averaged iterates (the bias
         correction).
-      ema: params-shaped pytree, the *biased* moving average (zero-initialised); read it through
-        :func:`averaged_params`, which divides by ``weight``.
+      ema: params-shaped pytree, the *biased* moving average (zero-initialised, float32 for
+        float leaves whatever the params' dtype); read it through :func:`averaged_params`, which
+        divides by ``weight`` and casts back.
     """
 
     count: jax.Array
@@ -61,8 +62,11 @@ def param_ema(decay: float) -> optax.GradientTransformationExtraArgs:
         raise ValueError(f'param_ema decay={decay} must be in [0, 1)')
 
     def init_fn(params):
+        ema = jax.tree.map(
+            lambda p: jnp.zeros(jnp.shape(p), jnp.float32) if _is_float(p) else jnp.zeros_like(p),
+            params)
         return ParamEmaState(count=jnp.zeros((), jnp.int32), weight=jnp.zeros((), jnp.float32),
-                             ema=jax.tree.map(jnp.zeros_like, params))
+                             ema=ema)
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
@@ -73,7 +77,7 @@ def param_ema(decay: float) -> optax.GradientTransformationExtraArgs:
             if not _is_float(p):
                 return e
             new = p.astype(jnp.float32) + u.astype(jnp.float32)
-            return (decay * e.astype(jnp.float32) + (1 - decay) * new).astype(e.dtype)
+            return decay * e + (1 - decay) * new
 
         ema = jax.tree.map(one, state.ema, params, updates)
         weight = decay * state.weight + (1 - decay)
@@ -123,7 +127,7 @@ def averaged_params(params: Any, opt_state: Any) -> Any:
     def one(e, p):
         if not _is_float(p):
             return p
-        avg = (e.astype(jnp.float32) / jnp.maximum(state.weight, 1e-30)).astype(p.dtype)
+        avg = (e / jnp.maximum(state.weight, 1e-30)).astype(p.dtype)
         return jnp.where(state.weight > 0, avg, p)
 
     return jax.tree.map(one, state.ema, params)
@@ -155,7 +159,7 @@ def shift_average(opt_state: Any, delta: Any) -> Any:
         def one(e, d):
             if not _is_float(e):
                 return e
-            return (e.astype(jnp.float32) + state.weight * d.astype(jnp.float32)).astype(e.dtype)
+            return e + state.weight * d.astype(jnp.float32)
 
         return state._replace(ema=_tree.map_planned(state.ema, plan, one))
 

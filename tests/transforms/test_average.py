@@ -124,3 +124,22 @@ def test_shift_average_applies_an_outside_edit_by_key_path():
                                   np.asarray(before['bias'][...]))
     plain = optax.sgd(0.1).init(params)
     assert _average.shift_average(plain, delta) is plain  # no average: nothing to shift
+
+
+def test_bfloat16_params_are_averaged_in_float32():
+    params = {'w': jnp.full((4,), 1.0, jnp.bfloat16)}
+    tx = optax.chain(optax.sgd(1.0), _average.param_ema(0.999))
+    state = tx.init(params)
+    ema_state = next(x for x in state if isinstance(x, _average.ParamEmaState))
+    assert ema_state.ema['w'].dtype == jnp.float32
+    p, ref = params, []
+    for _ in range(20):  # steps of 1/256: below bfloat16's resolution of a 0.999-weighted sum
+        u, state = tx.update({'w': jnp.full((4,), -1 / 256, jnp.bfloat16)}, state, p)
+        p = optax.apply_updates(p, u)
+        ref.append(np.asarray(p['w'], np.float32))
+    weights = np.array([0.001 * 0.999 ** (19 - i) for i in range(20)])
+    expected = (weights[:, None] * np.stack(ref)).sum(0) / (1 - 0.999 ** 20)
+    got = _average.averaged_params(p, state)['w']
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32),
+                               np.asarray(jnp.asarray(expected, jnp.bfloat16), np.float32))
