@@ -30,7 +30,7 @@ def _is_float(x: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
 
-def param_ema(decay: float) -> optax.GradientTransformationExtraArgs:
+def param_ema(decay: float | jax.Array) -> optax.GradientTransformationExtraArgs:
     r"""Track an exponential moving average of the parameters *after* each update.
 
     .. math::
@@ -45,7 +45,8 @@ def param_ema(decay: float) -> optax.GradientTransformationExtraArgs:
     :func:`averaged_params` returns the live value).
 
     Args:
-      decay: :math:`\delta \in [0, 1)`; the average spans about ``1 / (1 - decay)`` updates.
+      decay: :math:`\delta \in [0, 1)`; the average spans about ``1 / (1 - decay)`` updates. A
+        float (checked) or a scalar array, so ``optax.inject_hyperparams`` works.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update(u, state, params)`` needs ``params``.
@@ -58,8 +59,8 @@ def param_ema(decay: float) -> optax.GradientTransformationExtraArgs:
       Control Optim. 1992 (iterate averaging); the exponential form with bias correction follows
       ``optax.ema(debias=True)``, which averages updates rather than parameters.
     """
-    if not 0 <= decay < 1:
-        raise ValueError(f'param_ema decay={decay} must be in [0, 1)')
+    if isinstance(decay, (int, float)) and not 0 <= decay < 1:  # arrays: inject_hyperparams
+        raise ValueError(f'param_ema {decay=} must be in [0, 1)')
 
     def init_fn(params):
         ema = jax.tree.map(

@@ -143,3 +143,38 @@ def test_bfloat16_params_are_averaged_in_float32():
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32),
                                np.asarray(jnp.asarray(expected, jnp.bfloat16), np.float32))
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_param_ema_conformance(dtype):
+    params = jax.tree.map(lambda x: x.astype(dtype),
+                          {k: v for k, v in _params().items() if k != 'step'})
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
+    tx = optax.chain(optax.adamw(1e-3), _average.param_ema(0.9))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    state = tx.init(params)
+    assert jax.tree.structure(jax.eval_shape(tx.init, abstract)) == jax.tree.structure(state)
+    t0 = jax.tree.map(jax.typeof, state)
+    update = jax.jit(tx.update)
+    p = params
+    for _ in range(3):
+        u, state = update(grads, state, p)
+        assert jax.tree.map(jax.typeof, state) == t0  # no dtype / shape drift under jit
+        assert all(x.dtype == dtype for x in jax.tree.leaves(u))
+        p = optax.apply_updates(p, u)
+    assert all(x.dtype == dtype for x in jax.tree.leaves(_average.averaged_params(p, state)))
+    # inject_hyperparams: the decay becomes a traced scalar; one update averages one iterate.
+    inj = optax.chain(optax.sgd(0.1), optax.inject_hyperparams(_average.param_ema)(decay=0.5))
+    st = inj.init(params)
+    u, st = jax.jit(inj.update)(grads, st, params)
+    np.testing.assert_allclose(
+        np.asarray(_average.averaged_params(params, st)['w'], np.float32),
+        np.asarray(optax.apply_updates(params, u)['w'], np.float32), rtol=1e-6)
+    # MultiSteps: the average moves only when the inner chain applies an update.
+    ms = optax.MultiSteps(optax.chain(optax.sgd(0.1), _average.param_ema(0.5)), every_k_schedule=2)
+    st = ms.init(params)
+    for _ in range(2):
+        _, st = ms.update(grads, st, params)
+    assert int(next(x for x in jax.tree.leaves(
+        st, is_leaf=lambda x: isinstance(x, _average.ParamEmaState))
+        if isinstance(x, _average.ParamEmaState)).count) == 1
