@@ -319,7 +319,8 @@ def pool(x: Float[Array, 'B T D'], attention_mask: Int[Array, 'B T'] | None,
 
 
 class BertForSequenceClassification(nnx.Module):
-    """BERT/RoBERTa encoder + ``classifier(tanh(pooler(h[:, 0])))``.
+    """BERT/RoBERTa encoder + ``classifier(tanh(pooler(pool(h))))``, with ``pool`` the first
+    token or the masked mean (``config.pooling``).
 
     Args:
       config: the architecture (``model_type`` picks BERT or RoBERTa position ids).
