@@ -916,7 +916,7 @@ class AptMethod:
             params, ranks, rank_ema, key=key, factor=factor,
             max_rank=min(self.cfg.max_rank, bucket),
         )
-        opt_state = _average.shift_average(opt_state, jax.tree.map(jnp.subtract, params, seen))
+        opt_state = _average.shift_average(opt_state, params, seen)
         return params, opt_state, ranks, rank_ema, bucket
 
     def _log(self, step, count, masks, opt_state, params, *, diff, seconds) -> None:

@@ -130,7 +130,7 @@ def _place(batch: dict[str, np.ndarray], sh) -> dict[str, jax.Array]:
 def weights(state: _step.TrainState, tcfg: config_lib.TrainCfg) -> Any:
     """The trained params to evaluate or ship: the parameter average with ``train.param_ema``
     (bias-corrected; the live params before the first update), else the live params."""
-    if not tcfg.param_ema or not transforms.has_param_ema(state.opt_state):
+    if not tcfg.param_ema:
         return state.trainable
     return transforms.averaged_params(state.trainable, state.opt_state)
 

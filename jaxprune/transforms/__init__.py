@@ -12,8 +12,8 @@ from jaxprune.transforms._apt_masks import AptMaskState as AptMaskState
 from jaxprune.transforms._apt_masks import apt_masks as apt_masks
 from jaxprune.transforms._average import ParamEmaState as ParamEmaState
 from jaxprune.transforms._average import averaged_params as averaged_params
-from jaxprune.transforms._average import has_param_ema as has_param_ema
 from jaxprune.transforms._average import param_ema as param_ema
+from jaxprune.transforms._average import shift_average as shift_average
 from jaxprune.transforms._decay import MaskedWeightDecayState as MaskedWeightDecayState
 from jaxprune.transforms._decay import masked_weight_decay as masked_weight_decay
 from jaxprune.transforms._group_lasso import GroupLassoState as GroupLassoState

@@ -96,11 +96,6 @@ def _find(opt_state: Any) -> list[ParamEmaState]:
     return [x for x in jax.tree.leaves(opt_state, is_leaf=_is_state) if _is_state(x)]
 
 
-def has_param_ema(opt_state: Any) -> bool:
-    """Whether ``opt_state`` holds a :func:`param_ema` state."""
-    return bool(_find(opt_state))
-
-
 def _only(opt_state: Any) -> ParamEmaState:
     found = _find(opt_state)
     if len(found) != 1:
@@ -134,35 +129,39 @@ def averaged_params(params: Any, opt_state: Any) -> Any:
     return jax.tree.map(one, state.ema, params)
 
 
-def shift_average(opt_state: Any, delta: Any) -> Any:
+def shift_average(opt_state: Any, new: Any, old: Any) -> Any:
     """Apply an edit made to the params *outside* the optimizer to their average as well.
 
-    After ``shift_average(opt_state, new - old)`` the average is ``average + (new - old)``: the
-    edit (e.g. LoRA rank growth, which sets fresh ``A`` columns without changing the function)
-    counts as if it had always been there, so the averaged model keeps it. ``delta`` may be any
-    params-shaped pytree (a pure dict or an ``nnx.State``): its leaves are matched to the
-    average's by key path, as :func:`jaxprune.surgery.prune_like` matches optimizer states.
-    Without a :class:`ParamEmaState` in ``opt_state`` this is the identity.
+    Afterwards the average is ``average + (new - old)``: the edit (e.g. LoRA rank growth, which
+    sets fresh ``A`` columns without changing the function) counts as if it had always been
+    there, so the averaged model keeps it. ``new`` and ``old`` are params-shaped pytrees of the
+    same structure (pure dicts or ``nnx.State``), with the average's shapes; their leaves are
+    matched to the average's by key path, as :func:`jaxprune.surgery.prune_like` matches
+    optimizer states. Leaves the edit left in place (``new is old``) cost nothing, and without a
+    :class:`ParamEmaState` in ``opt_state`` no difference is computed at all.
 
     Args:
       opt_state: an optimizer state (with zero or one :class:`ParamEmaState`).
-      delta: the change of the params, with the average's shapes.
+      new: the params after the edit.
+      old: the params before it, as the optimizer state sees them.
 
     Returns:
-      ``opt_state`` with the average shifted by ``delta``.
+      ``opt_state`` with the average shifted by ``new - old``.
     """
     if not _find(opt_state):
         return opt_state
-    plan = {_tree.path_names(path, drop_value=True): d
-            for path, d in jax.tree_util.tree_leaves_with_path(delta)}
+    plan = {_tree.path_names(path, drop_value=True): (n, o)
+            for (path, n), o in zip(jax.tree_util.tree_leaves_with_path(new),
+                                    jax.tree.leaves(old), strict=True)
+            if n is not o}
 
     def shift(state: ParamEmaState) -> ParamEmaState:
-        def one(e, d):
+        def one(e, pair):
             if not _is_float(e):
                 return e
-            return e + state.weight * d.astype(jnp.float32)
+            n, o = pair
+            return e + state.weight * (n.astype(jnp.float32) - o.astype(jnp.float32))
 
         return state._replace(ema=_tree.map_planned(state.ema, plan, one))
 
     return jax.tree.map(lambda x: shift(x) if _is_state(x) else x, opt_state, is_leaf=_is_state)
-

@@ -94,7 +94,9 @@ def test_train_cfg_appends_the_average_last_without_changing_the_updates():
     avg = config.TrainCfg(steps=10, learning_rate=0.1, weight_decay=0.01,
                           param_ema=0.8).build_optimizer()
     s_plain, s_avg = plain.init(params), avg.init(params)
-    assert _average.has_param_ema(s_avg) and not _average.has_param_ema(s_plain)
+    assert isinstance(s_avg.inner_state[-1], _average.ParamEmaState)  # last in the chain
+    with pytest.raises(ValueError, match='found 0'):
+        _average.averaged_params(params, s_plain)
     p = params
     for t in range(3):
         g = _grads(t, p)
@@ -116,14 +118,15 @@ def test_shift_average_applies_an_outside_edit_by_key_path():
         u, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
         params = optax.apply_updates(params, u)
     before = _average.averaged_params(params, state)
-    delta = {'kernel': jnp.full((3, 2), 2.0)}  # a pure dict naming one leaf only
-    shifted = _average.averaged_params(params, _average.shift_average(state, delta))
+    old = nnx.to_pure_dict(params)  # a pure dict, matched to the nnx.State average by path
+    new = {**old, 'kernel': old['kernel'] + 2.0}  # the bias leaf is left in place
+    shifted = _average.averaged_params(params, _average.shift_average(state, new, old))
     np.testing.assert_allclose(np.asarray(shifted['kernel'][...]),
                                np.asarray(before['kernel'][...]) + 2.0, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(shifted['bias'][...]),
                                   np.asarray(before['bias'][...]))
     plain = optax.sgd(0.1).init(params)
-    assert _average.shift_average(plain, delta) is plain  # no average: nothing to shift
+    assert _average.shift_average(plain, new, old) is plain  # no average: nothing to shift
 
 
 def test_bfloat16_params_are_averaged_in_float32():
