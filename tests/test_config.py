@@ -117,6 +117,9 @@ def test_invalid_values_name_the_field(item, field):
 
 
 def test_mean_pooling_is_for_classifiers_only():
+    from jaxprune.models import _bert
+
+    assert config._POOLINGS == _bert.POOLINGS  # the config check mirrors the model's choices
     assert config.load_config(None, ['model.pooling=mean']).model.pooling == 'mean'
     with pytest.raises(ValueError, match='classification only'):
         config.load_config(None, ['model.pooling=mean', 'model.task=causal_lm'])
