@@ -246,8 +246,8 @@ def _oneshot(model, cfg, s, *, scores: str, calib_batches: int = 8):
             dens[(st.kind, st.layer)] = jnp.asarray(np.sqrt(acc) / max(st.params_per_unit, 1))
     keep = _budget.budget_keep(dens, bstructs, shapes, DENSITY)
     keep = {k: np.asarray(v) for k, v in keep.items()}
-    density = float(_budget.kept_param_count(keep, bstructs, shapes)) / _budget.total_prunable_params(
-        bstructs, shapes)
+    density = (float(_budget.kept_param_count(keep, bstructs, shapes))
+               / _budget.total_prunable_params(bstructs, shapes))
     new_arch, new_params = surgery.prune(arch, params, keep, structures=structs)
     pruned = _apt_train.rebuild_model(plain, new_arch, new_params)
     return pruned, {'density': density, 'scoring_seconds': time.perf_counter() - t0,
@@ -439,7 +439,8 @@ def main(argv=None) -> int:
                    help='re-time the final models of a finished run (its temp dir) side by side')
     p.add_argument('--reps', type=int, default=15, help='timing rounds for --remeasure')
     p.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE',
-                   help='extra config overrides for the apt row, e.g. prune.prune_start_fraction=0.2')
+                   help='extra config overrides for the apt row, '
+                        'e.g. prune.prune_start_fraction=0.2')
     p.add_argument('--set-all', nargs='*', default=[], metavar='KEY=VALUE',
                    help='extra config overrides for every MiniLM row, e.g. train.param_ema=0.98')
     p.add_argument('--reuse', metavar='DIR',

@@ -5,7 +5,8 @@ CPU decode latency. Prints a table and writes JSON (not a timed test).
     python bench/ast.py --model tiny --steps 12              # tiny random Llama, smoke check
 
 Rows (trained rows share the token budget and the batch order):
-  dense fine-tune | magnitude 2:4 | Wanda 2:4 | SparseGPT 2:4 (sequential) | AST 2:4 | AST 2:4 boosted
+  dense fine-tune | magnitude 2:4 | Wanda 2:4 | SparseGPT 2:4 (sequential) | AST 2:4
+  | AST 2:4 boosted
 Sparse rows are evaluated through the compressed ``Sparse24`` model (``sparse24_matmul``, XLA path);
 their masked-dense perplexity is recorded as a check. Decode latency: greedy generation without a
 KV cache (each token re-runs the whole buffer), batch 1, XLA reference path on CPU.

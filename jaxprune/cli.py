@@ -7,8 +7,8 @@
   jaxprune assets fetch NAME [NAME ...]          download + cache assets, print their paths
 
 Multi-host: ``JAXPRUNE_DISTRIBUTED``/``JAXPRUNE_COORDINATOR`` start ``jax.distributed`` before
-anything else touches JAX (see launch/README.md). Config errors exit with status 2 and one line on stderr (no traceback; set JAXPRUNE_DEBUG=1
-for one).
+anything else touches JAX (see launch/README.md). Config errors exit with status 2 and one line on
+stderr (no traceback; set JAXPRUNE_DEBUG=1 for one).
 """
 
 from __future__ import annotations

@@ -253,7 +253,8 @@ def test_two_processes_match_single_process_and_checkpoint_restores(tmp_path):
     [
         ({}, ('off', None, None, None)),
         ({'JAXPRUNE_DISTRIBUTED': 'auto'}, ('auto', None, None, None)),
-        ({'JAXPRUNE_DISTRIBUTED': 'off', 'JAXPRUNE_COORDINATOR': 'h:1'}, ('off', 'h:1', None, None)),
+        ({'JAXPRUNE_DISTRIBUTED': 'off', 'JAXPRUNE_COORDINATOR': 'h:1'},
+         ('off', 'h:1', None, None)),
         ({'JAXPRUNE_COORDINATOR': '10.0.0.1:1234', 'JAXPRUNE_NUM_PROCESSES': '4',
           'JAXPRUNE_PROCESS_ID': '3'}, ('on', '10.0.0.1:1234', 4, 3)),
         ({'JAXPRUNE_DISTRIBUTED': '1', 'JAXPRUNE_COORDINATOR': 'a:2',

@@ -141,8 +141,8 @@ def test_local_multiprocess_joins_two_jax_processes(tmp_path):
 
 
 def test_local_multiprocess_stops_all_when_one_fails(tmp_path):
-    cmd = 'if [ "$JAXPRUNE_PROCESS_ID" = 1 ]; then echo boom-$JAXPRUNE_NUM_PROCESSES; exit 3; fi; ' \
-          'exec sleep 60'
+    cmd = ('if [ "$JAXPRUNE_PROCESS_ID" = 1 ]; then echo boom-$JAXPRUNE_NUM_PROCESSES; exit 3; '
+           'fi; exec sleep 60')
     r = _run(['bash', str(LAUNCH / 'local_multiprocess.sh'), '-n', '3', '-d', '1', '-l',
               str(tmp_path), '-e', 'bash', '-c', cmd], timeout=60)
     assert r.returncode == 3

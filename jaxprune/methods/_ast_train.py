@@ -92,8 +92,9 @@ class AstCfg(config_lib.PruneCfg):
         if not 0 < self.n < self.m:
             raise ValueError(f'prune.n={self.n}, prune.m={self.m}: need 0 < n < m; e.g. 2 and 4')
         if abs(self.target_density - self.n / self.m) > 1e-9:
-            raise ValueError(f'prune.target_density={self.target_density} must equal n/m='
-                             f'{self.n / self.m} for AST; set prune.target_density={self.n / self.m}')
+            nm = self.n / self.m
+            raise ValueError(f'prune.target_density={self.target_density} must equal n/m={nm} '
+                             f'for AST; set prune.target_density={nm}')
         if self.update_every < 1:
             raise ValueError(f'prune.update_every={self.update_every} must be >= 1; AST uses 10')
         if self.decay < 0 or not 0 <= self.decay_ramp <= 1:

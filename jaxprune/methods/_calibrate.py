@@ -180,7 +180,8 @@ def sparsegpt_sequential(
     from jaxprune.models import _llama
 
     if not isinstance(model, _llama.Llama):
-        raise ValueError(f'sparsegpt_sequential needs a Llama model, got {type(model).__name__}; '  # noqa: TRY004
+        got = type(model).__name__
+        raise ValueError(f'sparsegpt_sequential needs a Llama model, got {got}; '  # noqa: TRY004
                          'use collect_input_grams + sparsegpt_prune_params for others')
     xs = [jnp.asarray(_ids(b)) for b in batches]
     if not xs:

@@ -147,7 +147,8 @@ def sparsegpt_prune(w: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike, *, n
     r"""SparseGPT N:M pruning of one ``(K, N)`` kernel with OBS weight reconstruction.
 
     Minimises :math:`\|X W - X \hat W\|_F^2` greedily along K. With the damped Hessian
-    :math:`H = X^\top X + \delta I`, :math:`\delta = \text{percdamp}\cdot\overline{\operatorname{diag} H}`
+    :math:`H = X^\top X + \delta I`,
+    :math:`\delta = \text{percdamp}\cdot\overline{\operatorname{diag} H}`
     and :math:`U` the upper Cholesky factor of :math:`H^{-1}` (:math:`H^{-1} = U^\top U`),
     rows of ``W`` are processed in blocks of ``blocksize``; at the start of each group of ``m`` rows
     the ``n`` entries per column with the largest :math:`w^2 / U_{ii}^2` are kept, and each row's

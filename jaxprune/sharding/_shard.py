@@ -44,7 +44,8 @@ def param_shardings(
     Variable is replaced by a Variable of the same type and metadata holding a ``NamedSharding``,
     so the result has exactly the tree structure of ``state`` and can be passed to
     ``jax.device_put`` / ``jax.jit(in_shardings=..., out_shardings=...)`` next to it. Use
-    ``nnx.to_pure_dict(result)`` to get shardings for the pure-dict form of the parameters. Variables without metadata and plain arrays are replicated.
+    ``nnx.to_pure_dict(result)`` to get shardings for the pure-dict form of the parameters.
+    Variables without metadata and plain arrays are replicated.
 
     Args:
       state: an ``nnx.State`` (or any pytree) with ``nnx.Variable`` and/or array leaves.

@@ -51,7 +51,7 @@ class Setup:
 
 
 def trainable_filter(cfg: config_lib.RunCfg):
-    """What trains: LoRA factors (+ ``lora.head_modules`` for classification) with LoRA, else all."""
+    """What trains: LoRA factors (+ ``lora.head_modules`` for classification) if LoRA, else all."""
     if cfg.lora.enabled and not cfg.train.full_finetune:
         from jaxprune import lora
 

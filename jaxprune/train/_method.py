@@ -14,9 +14,9 @@ A ``Method`` contributes these things and nothing else:
   weight masks to the kernels with a straight-through estimator and returns ``model_masks=None``.
 * ``value_and_grad(fn, trainable, rest, batch, masks, rng, *, graphdef)`` (optional, inside
   ``jit``; ``graphdef`` is the trainable model's, for methods that run extra forwards, e.g. a
-  teacher): computes ``((loss, aux), grads, update_kwargs)``; ``update_kwargs`` reach ``tx.update`` as extra args
-  (APT passes ``salience=`` gathered from activation taps in the same backward pass). The default
-  is ``jax.value_and_grad(fn, has_aux=True)`` with no extra args.
+  teacher): computes ``((loss, aux), grads, update_kwargs)``; ``update_kwargs`` reach
+  ``tx.update`` as extra args (APT passes ``salience=`` gathered from activation taps in the same
+  backward pass). The default is ``jax.value_and_grad(fn, has_aux=True)`` with no extra args.
 * ``prepare_model(model)`` (optional, outside ``jit``, once per ``setup``): may add parameters
   to the freshly built NNX model before it is split and the optimizer is initialised (AST-Boosted
   adds its SLoRB branch); returns the model. It also runs before a checkpoint restore, so the

@@ -77,7 +77,8 @@ def test_rank_masks_applied_when_folding(tmp_path):
     np.testing.assert_array_equal(flat['layers.1.mlp.up.kernel'],
                                   np.asarray(model.layers[1].mlp.up.kernel[...]))
     lin = model.layers[0].attn.query
-    ref = np.asarray(lin.kernel[...]) + lin.lora_scale * np.asarray(lin.lora_a[...] @ lin.lora_b[...])
+    delta = np.asarray(lin.lora_a[...] @ lin.lora_b[...])
+    ref = np.asarray(lin.kernel[...]) + lin.lora_scale * delta
     np.testing.assert_allclose(flat['layers.0.attn.query.kernel'], ref, atol=1e-6)
 
 

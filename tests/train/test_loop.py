@@ -250,7 +250,8 @@ def test_on_eval_sees_every_periodic_eval_and_may_not_change_the_graph(tiny, tmp
 # orbax's threads, not ours). The fallback itself is what this test checks.
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_method_meta_is_checkpointed_and_restored_per_step_tried(tiny):
-    cfg = tiny('prune.method=_meta_test', 'train.steps=4', 'checkpoint.every=2', 'train.log_every=2')
+    cfg = tiny('prune.method=_meta_test', 'train.steps=4', 'checkpoint.every=2',
+               'train.log_every=2')
     train.train(cfg, progress=False)
     with checkpoint.Checkpointer(cfg.checkpoint_dir) as ckpt:  # closed: no stray async threads
         assert [ckpt.read_meta(step)['method'] for step in ckpt.all_steps()] == [{'seen': 2},

@@ -49,8 +49,8 @@ def sparse24_matmul(
     * ``None``: ``'pallas'`` on TPU, ``'xla'`` elsewhere (the GPU kernel is not yet verified on
       hardware, so it is opt-in).
 
-    A ``NotImplementedError`` from a kernel (unsupported shape, e.g. ``K % 8 != 0``) falls through to
-    :func:`reference.matmul_reference`. All paths share one ``custom_vjp`` (grad wrt ``x`` and
+    A ``NotImplementedError`` from a kernel (unsupported shape, e.g. ``K % 8 != 0``) falls through
+    to :func:`reference.matmul_reference`. All paths share one ``custom_vjp`` (grad wrt ``x`` and
     ``s.values``). Works under ``jit``, ``vmap`` and ``shard_map(check_vma=False)``.
 
     Args:

@@ -8,21 +8,23 @@ Hopper exposes no sparse tensor-core MMA through Pallas, so the gain is bandwidt
 loads the compressed tiles (two value planes + one meta byte per two groups) into SMEM, decodes the
 eight shuffle-free planes ``D_{p,i}`` in registers (elementwise selects on the nibbles), writes each
 to a double-buffered SMEM tile and issues ``wgmma`` ``[64, bk/8] @ [bk/8, bn]`` against the
-de-interleaved activation planes ``xq[4p + i] = x[:, 8r + 4p + i]`` (p = nibble parity, i = position),
-decoding plane ``j + 1`` while the wgmma of plane ``j`` runs. Values are viewed as ``[2, K/8, 2N]``
-(a free reshape of ``[2, K/4, N]``), so the even / odd groups of a meta byte row are two column
-ranges of one row: no strided or interleaving access. ``M`` is padded to the 64-row wgmma tile in
-the wrapper (the activation is small in decode). Grid: one CTA per (64-row, ``bn``-column) output
-tile; K is a 2-stage ``emit_pipeline``. A ragged K tail (``K % block_k``, e.g. 256 of K=11008) is
-added by XLA from the tail slices in f32, the kernel then emitting f32 so the sum is rounded once.
+de-interleaved activation planes ``xq[4p + i] = x[:, 8r + 4p + i]`` (p = nibble parity,
+i = position), decoding plane ``j + 1`` while the wgmma of plane ``j`` runs. Values are viewed as
+``[2, K/8, 2N]`` (a free reshape of ``[2, K/4, N]``), so the even / odd groups of a meta byte row
+are two column ranges of one row: no strided or interleaving access. ``M`` is padded to the
+64-row wgmma tile in the wrapper (the activation is small in decode). Grid: one CTA per (64-row,
+``bn``-column) output tile; K is a 2-stage ``emit_pipeline``. A ragged K tail (``K % block_k``,
+e.g. 256 of K=11008) is added by XLA from the tail slices in f32, the kernel then emitting f32 so
+the sum is rounded once.
 
 Constraints (``NotImplementedError`` -> callers fall back to the reference): bf16/f16 operands,
 ``K >= block_k``, ``N % block_n == 0``. ``block_k`` must be a multiple of 512 (the decoded
 ``[bk/8, bn]`` tile must fill the 64-row WGMMA register layout).
 
 Verification status (no GPU was available when this was written):
-  * ``interpret=True`` runs this same kernel under the Mosaic GPU interpreter (``InterpretGPUParams``:
-    simulated SMEM, TMA copies, barriers, wgmma) on CPU; tested against the reference.
+  * ``interpret=True`` runs this same kernel under the Mosaic GPU interpreter
+    (``InterpretGPUParams``: simulated SMEM, TMA copies, barriers, wgmma) on CPU; tested against
+    the reference.
   * Cross-platform lowering on CPU (``jit(...).trace(...).lower(lowering_platforms=('cuda',))``)
     passes Mosaic GPU layout inference and the SMEM budget for every benchmark shape (tested for
     one). That is not a PTX compile, nor a run: the compiled path has NOT been executed, and its
@@ -123,7 +125,8 @@ def sparse24_matmul_gpu(
     k_main = k // block_k * block_k
     # with a tail, the kernel emits f32 so the sum is rounded once (cancellation otherwise shows)
     o_dtype = x.dtype if k_main == k else jnp.float32
-    # activation only: pad M to the wgmma tile, cut the K tail, de-interleave -> [8, m_pad, k_main/8]
+    # activation only: pad M to the wgmma tile, cut the K tail, de-interleave
+    # -> [8, m_pad, k_main/8]
     xq = pallas_tpu.deinterleave8(jnp.pad(x[:, :k_main], ((0, m_pad - m), (0, 0))))
     v3 = s.values.reshape(2, k // 8, 2 * n)  # free view; odd groups are columns N..2N-1
     dtype = x.dtype
