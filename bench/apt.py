@@ -198,9 +198,9 @@ def _oneshot(model, cfg, s, *, scores: str, calib_batches: int = 8):
     import numpy as np
     from flax import nnx
 
-    from jaxprune import surgery
+    from jaxprune import methods, surgery
     from jaxprune.masks import _budget
-    from jaxprune.methods import _apt, _apt_train
+    from jaxprune.methods import _apt
     from jaxprune.models import _llama, _structures
     from jaxprune.scores import _apt as apt_scores
     from jaxprune.train import _data, _step
@@ -210,7 +210,7 @@ def _oneshot(model, cfg, s, *, scores: str, calib_batches: int = 8):
     structs = _structures.structures(arch)
     params = nnx.to_pure_dict(nnx.state(plain, nnx.Param))
     shapes = _budget.param_shapes(params)
-    bstructs = _apt_train.budget_structures(structs, shapes, count_embeddings=False)
+    bstructs = methods.budget_structures(structs, shapes, count_embeddings=False)
     t0 = time.perf_counter()
     if scores == 'salience':
         graphdef, state = nnx.split(plain)
@@ -249,7 +249,7 @@ def _oneshot(model, cfg, s, *, scores: str, calib_batches: int = 8):
     density = (float(_budget.kept_param_count(keep, bstructs, shapes))
                / _budget.total_prunable_params(bstructs, shapes))
     new_arch, new_params = surgery.prune(arch, params, keep, structures=structs)
-    pruned = _apt_train.rebuild_model(plain, new_arch, new_params)
+    pruned = surgery.rebuild_model(plain, new_arch, new_params)
     return pruned, {'density': density, 'scoring_seconds': time.perf_counter() - t0,
                     'calib_batches': calib_batches if scores == 'salience' else 0}
 

@@ -6,8 +6,8 @@ state (shape-changing surgery, rank growth, ATP's alternating generator step) is
 here that the training loop calls outside ``jit``. Distillation losses are shared by all methods.
 
 Importing this package registers the methods with the config loader and the trainer
-(``prune.method: apt | ast | atp``): ``_apt_train``, ``_ast_train`` and ``_atp_train`` hold
-their config subclasses, train ``Method``s / drivers, and export helpers.
+(``prune.method: apt | ast | atp``): ``_apt_cfg``/``_apt_train``, ``_ast_train`` and
+``_atp_train`` hold their config subclasses, train ``Method``s / drivers, and export helpers.
 """
 
 from jaxprune.methods._apt import after_pruning_step as after_pruning_step
@@ -18,14 +18,14 @@ from jaxprune.methods._apt import prune_projections as prune_projections
 from jaxprune.methods._apt import teacher_params as teacher_params
 from jaxprune.methods._apt import teacher_snapshot as teacher_snapshot
 from jaxprune.methods._apt import value_grads_and_salience as value_grads_and_salience
+from jaxprune.methods._apt_arch import budget_structures as budget_structures
+from jaxprune.methods._apt_cfg import AptCfg as AptCfg
 from jaxprune.methods._apt_export import load_pruned as load_pruned
 from jaxprune.methods._apt_export import merged_params as merged_params
 from jaxprune.methods._apt_export import save_pruned as save_pruned
 from jaxprune.methods._apt_export import uniform_config as uniform_config
-from jaxprune.methods._apt_train import AptCfg as AptCfg
 from jaxprune.methods._apt_train import AptMethod as AptMethod
 from jaxprune.methods._apt_train import AptTrainState as AptTrainState
-from jaxprune.methods._apt_train import budget_structures as budget_structures
 from jaxprune.methods._ast import ast as ast
 from jaxprune.methods._ast import ast_forward_params as ast_forward_params
 from jaxprune.methods._ast import slorb_apply as slorb_apply

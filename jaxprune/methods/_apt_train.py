@@ -1,4 +1,4 @@
-"""APT in the training loop: ``prune.method: apt`` (config, train Method, compaction, distillation).
+"""APT in the training loop: ``prune.method: apt`` (train Method, compaction, distillation).
 
 What one run does (``jaxprune train configs/apt_minilm_rotten_tomatoes.yaml``):
 
@@ -75,15 +75,16 @@ from jaxprune import config as config_lib
 from jaxprune import train as train_lib
 from jaxprune.lora import _grow
 from jaxprune.masks import _budget, _structured
-from jaxprune.methods import _apt
+from jaxprune.methods import _apt, _apt_arch, _apt_cfg
 from jaxprune.schedules import _apt as apt_schedules
 from jaxprune.scores import _apt as apt_scores
 from jaxprune.transforms import _apt_masks, _average
 
 logger = logging.getLogger(__name__)
 
+AptCfg = _apt_cfg.AptCfg
+
 Key = tuple[str, int | None]
-EMBEDDING_MODULES = ('word_embed', 'pos_embed', 'type_embed', 'embed', 'lm_head')
 # Settings that decide when and how much is pruned and how the LoRA bucket grows, i.e. the shapes
 # of the state at a given step: a resumed run must use the checkpoint's values.
 RESUME_FIELDS = (
@@ -93,99 +94,7 @@ RESUME_FIELDS = (
     'prune.count_embeddings', 'prune.distill', 'prune.hidden_weight', 'prune.teacher',
     'prune.min_keep_fraction',
 )
-TEACHERS = ('snapshot', 'dense')
-TEACHER_REFRESH = ('pruning', 'eval')
 TEACHER_KEYS = ('teacher', 'teacher_rank', 'teacher_rest')
-
-
-@config_lib.register_prune('apt')
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class AptCfg(config_lib.PruneCfg):
-    """APT: adaptive structured pruning + adaptive LoRA ranks + self-distillation.
-
-    ``target_density`` is the final fraction of block parameters (APT: 0.4 for encoders, 0.7 for
-    decoders). LoRA adapters are allocated at ``lora.rank`` (the physical bucket); ``init_rank``
-    of them are active at the start and grow up to ``max_rank`` (the bucket doubles when needed).
-    """
-
-    method: str = 'apt'
-    target_density: float = apt_schedules.DEFAULT_ENCODER_DENSITY
-    num_pruning_steps: int = 10
-    prune_start_fraction: float = 0.0
-    prune_end_fraction: float = 0.7
-    beta: float = 0.85  # salience EMA decay (masks and LoRA ranks)
-    mask_step_size: float = 0.0  # 0 = 1 / (steps between pruning steps)
-    init_rank: int = 0  # 0 = lora.rank
-    max_rank: int = 64
-    tuning_growth: float = 4.0  # LoRA parameters grow to this multiple over the pruning window
-    distill: bool = True
-    temperature: float = 2.0
-    distill_weight: float = 1.0  # final mu
-    # Weight of the layer-wise hidden MSE in L_distill (0 = logit KL only). None = 1.0 for
-    # encoders, 0 for causal LMs: a LLaMA-family residual stream carries massive activations
-    # (SmolLM2's mean square is ~5e3), so the raw MSE would swamp the task loss.
-    hidden_weight: float | None = None
-    # The self-distillation teacher. 'snapshot': the current (compacted) frozen backbone with the
-    # student's trainable params as of the last pruning step (APT's shared backbone; after the
-    # last pruning step it equals the student). 'dense': the unpruned backbone with the
-    # student's trainable params as of the start of the pruning window, kept for the whole run
-    # (one more copy of the frozen backbone in the optimizer state).
-    teacher: str = 'snapshot'
-    # When the snapshot teacher takes the student's trainable params. 'pruning': at every
-    # pruning step (after the step it equals the student). 'eval': whenever the validation
-    # metric improves (the paper; needs train.eval_every > 0), the snapshot being pruned and
-    # rank-resized with the student at pruning steps in between.
-    teacher_refresh: str = 'pruning'
-    compaction: bool = True
-    count_embeddings: bool = False
-    outlier: bool | None = None  # kurtosis outlier term; None = on for causal LMs
-    check_compaction: bool = True  # log max |masked - compacted| logits at each pruning step
-    export_dir: str | None = 'pruned'  # relative to run_dir; null = no export at the end
-    # Per-structure floor (not in the paper): every layer keeps at least this fraction of its
-    # original heads and neurons, and the hidden size this fraction of its width. 0 = APT's pure
-    # global ranking, which may leave a layer with a single head.
-    min_keep_fraction: float = 0.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.num_pruning_steps < 1:
-            raise ValueError(f'prune.num_pruning_steps={self.num_pruning_steps} must be >= 1')
-        if not 0 <= self.prune_start_fraction < self.prune_end_fraction <= 1:
-            raise ValueError(
-                f'need 0 <= prune.prune_start_fraction={self.prune_start_fraction} < '
-                f'prune.prune_end_fraction={self.prune_end_fraction} <= 1'
-            )
-        if not 0 <= self.beta < 1:
-            raise ValueError(f'prune.beta={self.beta} must be in [0, 1); APT uses 0.85')
-        if self.mask_step_size < 0 or self.init_rank < 0 or self.max_rank < 1:
-            raise ValueError(
-                f'prune.mask_step_size={self.mask_step_size}, prune.init_rank={self.init_rank} '
-                f'must be >= 0 and prune.max_rank={self.max_rank} >= 1'
-            )
-        if self.temperature <= 0 or not 0 <= self.distill_weight <= 1:
-            raise ValueError(
-                f'prune.temperature={self.temperature} must be > 0 and '
-                f'prune.distill_weight={self.distill_weight} in [0, 1]'
-            )
-        if self.tuning_growth < 1:
-            raise ValueError(f'prune.tuning_growth={self.tuning_growth} must be >= 1')
-        if self.teacher not in TEACHERS:
-            raise ValueError(f'prune.teacher={self.teacher!r} must be one of {TEACHERS}')
-        if self.teacher_refresh not in TEACHER_REFRESH:
-            raise ValueError(
-                f'prune.teacher_refresh={self.teacher_refresh!r} must be one of {TEACHER_REFRESH}')
-        if self.teacher_refresh == 'eval' and self.teacher != 'snapshot':
-            raise ValueError(
-                f'prune.teacher_refresh=eval refreshes the snapshot teacher, but '
-                f'prune.teacher={self.teacher!r} (the dense teacher is fixed at the window '
-                'start); use prune.teacher=snapshot or prune.teacher_refresh=pruning')
-        if not 0 <= self.min_keep_fraction <= 1:
-            raise ValueError(
-                f'prune.min_keep_fraction={self.min_keep_fraction} must be in [0, 1] '
-                '(0 = no floor; 0.25 = every layer keeps at least a quarter of its heads/neurons)')
-        if self.hidden_weight is not None and self.hidden_weight < 0:
-            raise ValueError(
-                f'prune.hidden_weight={self.hidden_weight} must be >= 0 (0 = logit KL only)')
 
 
 class AptTrainState(NamedTuple):
@@ -207,112 +116,6 @@ class AptTrainState(NamedTuple):
     alive: dict[Key, jax.Array]
     salience_ema: dict[Key, jax.Array]
     rank_ema: dict[tuple[Any, ...], jax.Array]
-
-
-def arch_config(run_cfg: config_lib.RunCfg) -> Any:
-    """The architecture config of ``run_cfg.model`` without loading weights."""
-    from jaxprune import models
-    from jaxprune.train import _factory
-
-    m = run_cfg.model
-    if m.name_or_path == 'tiny-bert':
-        return models.BertConfig.tiny(vocab_size=_factory.TINY_VOCAB, num_labels=m.num_labels)
-    if m.name_or_path == 'tiny-llama':
-        return models.LlamaConfig.tiny(vocab_size=_factory.TINY_VOCAB)
-    from jaxprune import assets
-
-    path = pathlib.Path(assets.resolve_model(m.name_or_path))
-    if not (path / 'config.json').is_file():  # e.g. a .gguf file: load once for the config
-        num_labels = m.num_labels if m.task == 'classification' else None
-        return models.load_pretrained(path, num_labels=num_labels)[1]
-    hf = json.loads((path / 'config.json').read_text())
-    if hf.get('model_type') in ('bert', 'roberta'):
-        return models.BertConfig.from_hf(hf, num_labels=m.num_labels)
-    return models.LlamaConfig.from_hf(hf)
-
-
-def budget_structures(structures: Any, shapes: dict, *, count_embeddings: bool) -> tuple:
-    """Structures for the density budget: embedding/LM-head slices dropped unless counted.
-
-    Surgery keeps using the full structures (it must slice the embeddings too); the budget and
-    salience density then refer to the block parameters only.
-    """
-    if count_embeddings:
-        return tuple(structures)
-    out = []
-    for s in structures:
-        slices = tuple(sl for sl in s.slices if sl.path[0] not in EMBEDDING_MODULES)
-        if len(slices) != len(s.slices):
-            ppu = sum(
-                sl.width * math.prod(d for i, d in enumerate(shapes[sl.path]) if i != sl.axis)
-                for sl in slices
-            )
-            s = dataclasses.replace(s, slices=slices, params_per_unit=ppu)
-        out.append(s)
-    return tuple(out)
-
-
-def rebuild_model(model: nnx.Module, config: Any, params: Any) -> nnx.Module:
-    """``surgery.rebuild_model`` without running the initializers (``nnx.eval_shape``).
-
-    Same result (params from ``params``, every adapter keeps its ``lora_scale``), but no random
-    init is compiled and run for the new shapes, which dominates a pruning step otherwise.
-    """
-    from jaxprune.surgery import _prune
-
-    spec = _prune._lora_spec_from_params(params)
-    new = _abstract_model(model, config, spec, jax.tree.leaves(params)[0].dtype)
-    state = nnx.state(new, nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
-    nnx.update(new, state)
-    return new
-
-
-def _abstract_model(model: nnx.Module, config: Any, spec: Any, dtype: Any) -> nnx.Module:
-    """``type(model)`` for ``config`` with abstract params; adapters keep ``model``'s scales."""
-    from jaxprune.surgery import _prune
-
-    new = nnx.eval_shape(
-        lambda: type(model)(config, lora=spec, param_dtype=dtype, rngs=nnx.Rngs(0))
-    )
-    for path, scale in _prune._lora_scales(model).items():
-        _prune._get_module(new, path).lora_scale = scale
-    return new
-
-
-def _encode_keep(keep: dict[Key, np.ndarray]) -> dict[str, str]:
-    """Keep vectors as JSON: ``'kind/layer'`` -> packed bits in hex (a few KB per step)."""
-    return {f'{k}/{layer}': np.packbits(np.asarray(v, bool)).tobytes().hex()
-            for (k, layer), v in keep.items()}
-
-
-def _decode_keep(encoded: dict[str, str], structures: Any) -> dict[Key, np.ndarray]:
-    out = {}
-    for st in structures:
-        bits = np.frombuffer(bytes.fromhex(encoded[f'{st.kind}/{st.layer}']), np.uint8)
-        out[(st.kind, st.layer)] = np.unpackbits(bits, count=st.size).astype(bool)
-    return out
-
-
-def _prune_tree(tree: Any, keep: dict[Key, np.ndarray], structures: Any) -> Any:
-    """``surgery.prune_like`` as one jitted gather program (as at a live pruning step)."""
-    from jaxprune import surgery
-
-    return jax.jit(lambda t: surgery.prune_like(t, keep, structures))(tree)
-
-
-def _same_shapes(a: Any, b: Any) -> bool:
-    """Same tree structure and leaf shapes (trace-time check)."""
-    la, ta = jax.tree.flatten(a)
-    lb, tb = jax.tree.flatten(b)
-    return ta == tb and all(jnp.shape(x) == jnp.shape(y) for x, y in zip(la, lb))
-
-
-def _field(run_cfg: Any, dotted: str) -> Any:
-    value = run_cfg
-    for name in dotted.split('.'):
-        value = getattr(value, name)
-    return value
 
 
 def _proj_adam_init(proj: Any) -> dict[str, Any]:
@@ -353,7 +156,7 @@ class AptMethod:
 
         self.cfg, self.run_cfg = cfg, run_cfg
         self.task = run_cfg.model.task
-        self.arch = self.initial_arch = arch_config(run_cfg)
+        self.arch = self.initial_arch = _apt_arch.arch_config(run_cfg)
         self.lora = run_cfg.lora.build()
         self.outlier = cfg.outlier if cfg.outlier is not None else self.task == 'causal_lm'
         self.steps = apt_schedules.pruning_steps(
@@ -416,7 +219,7 @@ class AptMethod:
         self.structures = _structures.structures(arch, lora=lora)
         abstract = _structures.abstract_params(arch, lora=lora)
         self.shapes = _budget.param_shapes(nnx.to_pure_dict(abstract))
-        self.budget_structures = budget_structures(
+        self.budget_structures = _apt_arch.budget_structures(
             self.structures, self.shapes, count_embeddings=self.cfg.count_embeddings
         )
         self.inner = _apt_masks.apt_masks(
@@ -463,7 +266,7 @@ class AptMethod:
                 'prune.teacher=dense needs the unpruned model: build the run with '
                 'jaxprune.train (its setup calls AptMethod.prepare_model before the split)')
         zeros = lambda x: jnp.zeros(x.shape, x.dtype)
-        if _same_shapes(params, self._teacher_trainable):  # a fresh run: the student itself
+        if _apt_arch.same_shapes(params, self._teacher_trainable):  # fresh run: the student
             teacher, t_ranks = jax.tree.map(jnp.copy, params), dict(ranks)
         else:  # a restore target at pruned shapes: the checkpoint fills the values in
             teacher = jax.tree.map(zeros, self._teacher_trainable)
@@ -512,7 +315,7 @@ class AptMethod:
                 }
             mu = self.mu(inner.count) if self.cfg.distill else jnp.zeros((), jnp.float32)
             masks = {**state.masks, 'units': inner.masks, 'mu': jnp.asarray(mu, jnp.float32)}
-            if self.dense_teacher and params is not None and _same_shapes(
+            if self.dense_teacher and params is not None and _apt_arch.same_shapes(
                     params, masks['teacher']):  # trace time: false once surgery changed shapes
                 # The teacher follows the student until the pruning window opens.
                 take = state.prune_count < self.distill_begin
@@ -693,7 +496,7 @@ class AptMethod:
         (``prune.teacher_refresh=eval``).
         """
         return {
-            'settings': {f: _field(self.run_cfg, f) for f in RESUME_FIELDS},
+            'settings': {f: _apt_arch.setting(self.run_cfg, f) for f in RESUME_FIELDS},
             'surgeries': [dict(r) for r in self.surgeries],
             'init_tuning': self.init_tuning,
             'recompiles': self.recompiles,
@@ -707,9 +510,10 @@ class AptMethod:
         self.recompiles, self.init_tuning, self.best_eval = 0, None, None
 
     def _check_settings(self, saved: dict[str, Any]) -> None:
-        changed = [f for f in RESUME_FIELDS if f in saved and saved[f] != _field(self.run_cfg, f)]
+        changed = [f for f in RESUME_FIELDS
+                   if f in saved and saved[f] != _apt_arch.setting(self.run_cfg, f)]
         if changed:
-            now = ', '.join(f'{f}={_field(self.run_cfg, f)!r}' for f in changed)
+            now = ', '.join(f'{f}={_apt_arch.setting(self.run_cfg, f)!r}' for f in changed)
             was = ' '.join(f'{f}={saved[f]}' for f in changed)
             raise ValueError(
                 f'{now} differ from the checkpoint APT is resuming from; these settings decide '
@@ -742,8 +546,8 @@ class AptMethod:
         for rec in meta['surgeries']:
             arch = self.arch
             if rec['keep'] is not None:
-                keep = _decode_keep(rec['keep'], self.structures)
-                frozen = _prune_tree(frozen, keep, self.structures)
+                keep = _apt_arch.decode_keep(rec['keep'], self.structures)
+                frozen = _apt_arch.prune_tree(frozen, keep, self.structures)
                 arch = surgery.pruned_config(self.arch, keep, self.structures)
             if rec['keep'] is not None or rec['bucket'] != self.bucket:
                 self._set_arch(arch, rank=rec['bucket'])
@@ -764,7 +568,7 @@ class AptMethod:
         spec = _prune._lora_spec_from_params(params)
         if spec is not None:
             spec = dataclasses.replace(spec, rank=self.bucket)
-        new = _abstract_model(model, self.arch, spec, jax.tree.leaves(params)[0].dtype)
+        new = _apt_arch.abstract_model(model, self.arch, spec, jax.tree.leaves(params)[0].dtype)
         graphdef, trainable, rest = nnx.split(new, _loop.trainable_filter(self.run_cfg), ...)
         nnx.replace_by_pure_dict(rest, frozen)
         trainable = jax.tree.map(  # the loop's param_dtype, as after a live pruning step
@@ -847,7 +651,7 @@ class AptMethod:
                 count, params, opt_state, ranks, rank_ema
             )
         if self.cfg.compaction or bucket != self.bucket:
-            model = rebuild_model(model, arch, params)
+            model = _apt_arch.rebuild_model(model, arch, params)
         else:
             pstate = nnx.state(model, nnx.Param)
             nnx.replace_by_pure_dict(pstate, params)
@@ -865,7 +669,7 @@ class AptMethod:
         opt_state = optax.tree.set(opt_state, masks=new_masks, rank_ema=rank_ema)
         self.surgeries.append({
             'count': int(count),
-            'keep': _encode_keep(keep) if self.cfg.compaction else None,
+            'keep': _apt_arch.encode_keep(keep) if self.cfg.compaction else None,
             'bucket': int(bucket),
         })
         if self.cfg.compaction or bucket != self.bucket:
@@ -896,12 +700,14 @@ class AptMethod:
         bucket = self.bucket
         top = max(int(np.sum(np.asarray(m) > 0)) for m in ranks.values())
         wanted = min(math.ceil(top * factor), self.cfg.max_rank)
-        # What the optimizer state (and a parameter average in it) sees of the params: resized
-        # like Adam's moments. The growth's edit relative to it is applied to the average too.
+        # With train.param_ema, what the average in the optimizer state sees of the params:
+        # resized like Adam's moments. The growth's edit relative to it is applied to the average.
+        averaging = self.run_cfg.train.param_ema > 0
         seen = params
         if wanted > bucket:
             new_bucket = min(max(2 * bucket, wanted), self.cfg.max_rank)
-            seen = _grow.resize_ranks_like(params, ranks, new_bucket)
+            if averaging:
+                seen = _grow.resize_ranks_like(params, ranks, new_bucket)
             opt_state = _grow.resize_ranks_like(opt_state, ranks, new_bucket)
             params, new_ranks = _grow.resize_ranks(params, ranks, new_bucket, key=key,
                                                    rescale=False)
@@ -916,7 +722,8 @@ class AptMethod:
             params, ranks, rank_ema, key=key, factor=factor,
             max_rank=min(self.cfg.max_rank, bucket),
         )
-        opt_state = _average.shift_average(opt_state, params, seen)
+        if averaging:
+            opt_state = _average.shift_average(opt_state, params, seen)
         return params, opt_state, ranks, rank_ema, bucket
 
     def _log(self, step, count, masks, opt_state, params, *, diff, seconds) -> None:
@@ -981,7 +788,7 @@ class AptMethod:
             return model, self.arch, masks['rank']
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         arch, params = surgery.prune(self.arch, params, keep, structures=self.structures)
-        return rebuild_model(model, arch, params), arch, masks['rank']
+        return _apt_arch.rebuild_model(model, arch, params), arch, masks['rank']
 
     def export(self, state: train_lib.LoopState, path: pathlib.Path) -> dict[str, Any]:
         """Writes the final pruned model (see ``methods._apt_export.save_pruned``)."""

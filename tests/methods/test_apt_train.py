@@ -15,7 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxprune.methods import _apt_train  # registers prune.method=apt  # isort: skip
+from jaxprune.methods import _apt_arch, _apt_cfg  # (the package registers prune.method=apt)  # isort: skip
 from jaxprune import checkpoint, config, surgery, train, transforms
 from jaxprune.masks import _budget
 from jaxprune.methods import _apt_export
@@ -44,7 +44,7 @@ def _random_keep(structures, seed, p=0.6):
 
 def test_apt_cfg_registered_and_validates():
     cfg = config.load_config(APT_TINY)
-    assert isinstance(cfg.prune, _apt_train.AptCfg)
+    assert isinstance(cfg.prune, _apt_cfg.AptCfg)
     assert cfg.prune.target_density == 0.4 and cfg.prune.num_pruning_steps == 3
     with pytest.raises(ValueError, match='prune.beta'):
         config.load_config(APT_TINY, ['prune.beta=1.5'])
@@ -59,7 +59,7 @@ def test_budget_structures_matches_reference():
     structs = _structures.structures(arch)
     shapes = _budget.param_shapes(nnx.to_pure_dict(_structures.abstract_params(arch)))
     got = {(s.kind, s.layer): s for s in
-           _apt_train.budget_structures(structs, shapes, count_embeddings=False)}
+           _apt_arch.budget_structures(structs, shapes, count_embeddings=False)}
     # Reference: a hidden dim owns one row/column of every non-embedding tensor with an embed
     # axis: per layer q/k/v/up kernels (D x N) contribute N, out/down kernels contribute K,
     # biases of out/down and two LayerNorms (scale + bias) contribute 1 each; plus the pooler row.
@@ -67,7 +67,7 @@ def test_budget_structures_matches_reference():
     per_layer = 3 * hn + hn + 1 + f + f + 1 + 2 * 2
     ref_hidden = arch.num_layers * per_layer + arch.pooler_size + 2  # + embed_norm scale/bias
     assert got[('hidden', None)].params_per_unit == ref_hidden
-    assert all(sl.path[0] not in _apt_train.EMBEDDING_MODULES
+    assert all(sl.path[0] not in _apt_arch.EMBEDDING_MODULES
                for s in got.values() for sl in s.slices)
     full = {(s.kind, s.layer): s for s in structs}
     assert got[('heads', 0)] == full[('heads', 0)]  # heads/neurons own no embedding slices
@@ -81,12 +81,12 @@ def test_param_count_after_surgery_equals_budget_prediction(count_embeddings):
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     structs = _structures.structures(arch)
     shapes = _budget.param_shapes(params)
-    bstructs = _apt_train.budget_structures(structs, shapes, count_embeddings=count_embeddings)
+    bstructs = _apt_arch.budget_structures(structs, shapes, count_embeddings=count_embeddings)
     keep = _random_keep(structs, seed=1)
     predicted = int(_budget.kept_param_count(keep, bstructs, shapes))
     new_arch, new_params = surgery.prune(arch, params, keep, structures=structs)
     new_shapes = _budget.param_shapes(new_params)
-    new_b = _apt_train.budget_structures(
+    new_b = _apt_arch.budget_structures(
         _structures.structures(new_arch), new_shapes, count_embeddings=count_embeddings)
     assert _budget.total_prunable_params(new_b, new_shapes) == predicted
     if count_embeddings:  # everything outside the budget is untouched by surgery
@@ -261,7 +261,7 @@ def test_pruning_step_compacted_equals_masked(tmp_path, seed):
     assert method.events[-1]['compaction_max_abs_diff'] <= 1e-5
     # Physical size == budget prediction on the original model.
     predicted = int(_budget.kept_param_count(
-        keep, _apt_train.budget_structures(
+        keep, _apt_arch.budget_structures(
             _structures.structures(_bert.BertConfig.tiny(vocab_size=264)),
             _budget.param_shapes(nnx.to_pure_dict(_structures.abstract_params(
                 _bert.BertConfig.tiny(vocab_size=264)))), count_embeddings=False),
@@ -550,7 +550,7 @@ def test_restore_rebuilds_the_compacted_model_exactly(pruned_ckpt, tmp_path, tea
         step, meta = _loop._restore(s, ck)
     assert step == 9 and meta['data_position'] == 9
     m, ref = s.method, live.method
-    assert m.arch == ref.arch != _apt_train.arch_config(cfg)  # really compacted
+    assert m.arch == ref.arch != _apt_arch.arch_config(cfg)  # really compacted
     assert m.bucket == ref.bucket > cfg.lora.rank  # and the LoRA bucket resized
     assert m.pruned_at == ref.pruned_at == list(ref.steps)
     assert m.checkpoint_meta() == ref.checkpoint_meta()  # growth reference, records, settings
