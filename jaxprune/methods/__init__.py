@@ -6,8 +6,9 @@ state (shape-changing surgery, rank growth, ATP's alternating generator step) is
 here that the training loop calls outside ``jit``. Distillation losses are shared by all methods.
 
 Importing this package registers the methods with the config loader and the trainer
-(``prune.method: apt | ast | atp``): ``_apt_cfg``/``_apt_train``, ``_ast_train`` and
-``_atp_train`` hold their config subclasses, train ``Method``s / drivers, and export helpers.
+(``prune.method: apt | ast | atp``): ``_apt_cfg``, ``_atp_cfg`` and ``_ast_train`` hold their
+config subclasses; ``_apt_train``, ``_ast_train`` and ``_atp_train`` their train ``Method``s /
+drivers and export helpers.
 """
 
 from jaxprune.methods._apt import after_pruning_step as after_pruning_step
@@ -55,7 +56,7 @@ from jaxprune.methods._atp import llm_step as llm_step
 from jaxprune.methods._atp import sample_step_masks as sample_step_masks
 from jaxprune.methods._atp import taylor_prior as taylor_prior
 from jaxprune.methods._atp import warm_start_generator as warm_start_generator
-from jaxprune.methods._atp_train import AtpCfg as AtpCfg
+from jaxprune.methods._atp_cfg import AtpCfg as AtpCfg
 from jaxprune.methods._atp_train import atp_export as atp_export
 from jaxprune.methods._atp_train import run_atp as run_atp
 from jaxprune.methods._atp_train import train_atp as train_atp

@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxprune import config, lora, models, surgery
 from jaxprune.masks import _density
-from jaxprune.methods import _atp_train
+from jaxprune.methods import _atp_cfg, _atp_train
 from jaxprune.scores import _atp_generator
 from jaxprune.surgery import _dims
 
@@ -126,7 +126,7 @@ def test_export_logits_equal_masked(seed, empty_layer):
 
 def test_atp_config_and_trainer_dispatch():
     cfg = config.load_config(ROOT / 'configs' / 'atp_tiny.yaml')
-    assert isinstance(cfg.prune, _atp_train.AtpCfg)
+    assert isinstance(cfg.prune, _atp_cfg.AtpCfg)
     assert cfg.prune.target_density == 0.6
     smol = config.load_config(ROOT / 'configs' / 'atp_smollm2_shakespeare.yaml')
     assert smol.prune.method == 'atp' and smol.lora.enabled
