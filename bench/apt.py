@@ -200,7 +200,7 @@ def _oneshot(model, cfg, s, *, scores: str, calib_batches: int = 8):
 
     from jaxprune import methods, surgery
     from jaxprune.masks import _budget
-    from jaxprune.methods import _apt
+    from jaxprune.methods import _apt, _apt_arch
     from jaxprune.models import _llama, _structures
     from jaxprune.scores import _apt as apt_scores
     from jaxprune.train import _data, _step
@@ -249,7 +249,7 @@ def _oneshot(model, cfg, s, *, scores: str, calib_batches: int = 8):
     density = (float(_budget.kept_param_count(keep, bstructs, shapes))
                / _budget.total_prunable_params(bstructs, shapes))
     new_arch, new_params = surgery.prune(arch, params, keep, structures=structs)
-    pruned = surgery.rebuild_model(plain, new_arch, new_params)
+    pruned = _apt_arch.rebuild_model(plain, new_arch, new_params)  # no initializer run
     return pruned, {'density': density, 'scoring_seconds': time.perf_counter() - t0,
                     'calib_batches': calib_batches if scores == 'salience' else 0}
 
