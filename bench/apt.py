@@ -5,10 +5,11 @@ subprocess so ``ru_maxrss`` is that row's peak host memory):
 
 * ``dense``: full fine-tune of all-MiniLM-L6-v2 on Rotten Tomatoes.
 * ``lora``: LoRA (q/k/v/out/up/down, rank 8) + classification head.
-* ``lora+oneshot-salience`` / ``lora+oneshot-magnitude``: the two-stage baseline -- the trained
-  LoRA model, one-shot structured pruning to the same 40 % block density (APT salience summed over
-  calibration batches, or unit L2 magnitude per parameter), surgery, no retraining. Computed in the
-  LoRA subprocess (its wall time / memory include the LoRA training).
+* ``lora+oneshot-salience`` / ``-fisher`` / ``-magnitude``: the two-stage baseline -- the
+  trained LoRA model, one-shot structured pruning to the same 40 % block density (APT salience
+  summed over 8 calibration batches, the per-example mask Fisher over 32, or unit L2 magnitude per
+  parameter), surgery, no retraining. Computed in the LoRA subprocess (its wall time / memory
+  include the LoRA training).
 * ``apt``: ``prune.method=apt`` to 40 % block density (compaction during training, LoRA rank
   growth, self-distillation), then the exported pruned model.
 
@@ -191,7 +192,7 @@ def _trained_model(cfg):
     return nnx.merge(s.graphdef, state.trainable, s.rest), s
 
 
-def _oneshot(model, cfg, s, *, scores: str, calib_batches: int = 8):
+def _oneshot(model, cfg, s, *, scores: str, calib_batches: int | None = None):
     """Two-stage baseline: one-shot structured pruning of a trained model to ``DENSITY``."""
     import jax
     import jax.numpy as jnp
@@ -212,21 +213,27 @@ def _oneshot(model, cfg, s, *, scores: str, calib_batches: int = 8):
     shapes = _budget.param_shapes(params)
     bstructs = methods.budget_structures(structs, shapes, count_embeddings=False)
     t0 = time.perf_counter()
-    if scores == 'salience':
+    if calib_batches is None:  # Fisher is a per-example score: give it more examples
+        calib_batches = {'salience': 8, 'fisher': 32}.get(scores, 0)
+    if scores in ('salience', 'fisher'):
         graphdef, state = nnx.split(plain)
         task = cfg.model.task
+        fisher = scores == 'fisher'
 
         @jax.jit
         def sal(state, b):
-            taps = _llama.make_taps(arch, *b['input_ids'].shape)
+            shape = b['input_ids'].shape
+            taps = _apt.fisher_taps(arch, *shape) if fisher else _llama.make_taps(arch, *shape)
 
             def loss_fn(st, taps):
+                masks, layer_taps = _apt.tapped_masks(None, taps)
                 out, acts = nnx.merge(graphdef, st)(
-                    b['input_ids'], b['attention_mask'], taps=taps)
+                    b['input_ids'], b['attention_mask'], masks=masks, taps=layer_taps)
                 sums = _step.loss_sums(out, b['labels'], task=task)
                 return sums['loss_sum'] / jnp.maximum(sums['count'], 1.0), (acts, None)
 
-            return _apt.value_grads_and_salience(loss_fn, state, taps, bstructs)[2]
+            return _apt.value_grads_and_salience(
+                loss_fn, state, taps, bstructs, salience='fisher' if fisher else 'apt')[2]
 
         stream = _data.train_batches(s.splits['train'], s.tokenizer, cfg.data, task=task)
         total = None
@@ -251,7 +258,7 @@ def _oneshot(model, cfg, s, *, scores: str, calib_batches: int = 8):
     new_arch, new_params = surgery.prune(arch, params, keep, structures=structs)
     pruned = _apt_arch.rebuild_model(plain, new_arch, new_params)  # no initializer run
     return pruned, {'density': density, 'scoring_seconds': time.perf_counter() - t0,
-                    'calib_batches': calib_batches if scores == 'salience' else 0}
+                    'calib_batches': calib_batches}
 
 
 def run_row(args) -> None:
@@ -281,7 +288,7 @@ def run_row(args) -> None:
         model, s = _trained_model(cfg)
         rows.append(_measure(args.row, _plain(model), cfg, s.tokenizer, s.splits, train_s=train_s))
         if args.row == 'lora':
-            for scores in ('salience', 'magnitude'):
+            for scores in ('salience', 'fisher', 'magnitude'):
                 pruned, info = _oneshot(model, cfg, s, scores=scores)
                 # kept on disk so ``--remeasure`` can time every final model side by side
                 _apt_export.save_pruned(pruned, pruned.config,
@@ -322,6 +329,7 @@ def remeasure(args) -> int:
             model, setup = _trained_model(cfg)
             models[name] = _plain(model)
     for name, folder in (('lora+oneshot-salience', 'lora/oneshot-salience'),
+                         ('lora+oneshot-fisher', 'lora/oneshot-fisher'),
                          ('lora+oneshot-magnitude', 'lora/oneshot-magnitude'),
                          ('apt', 'apt/pruned')):
         if (tmp / folder).exists():
@@ -483,7 +491,8 @@ def main(argv=None) -> int:
                 shutil.copytree(old / f.stem, tmp / f.stem)  # so --remeasure finds the models
                 shutil.copy(f, tmp / f.name)
     order = {n: i for i, n in enumerate(['dense', 'lora', 'lora+oneshot-salience',
-                                         'lora+oneshot-magnitude', 'apt'])}
+                                         'lora+oneshot-fisher', 'lora+oneshot-magnitude',
+                                         'apt'])}
     rows.sort(key=lambda r: order.get(r['row'], 99))
     dense = next(r for r in rows if r['row'] == 'dense')
     for r in rows:

@@ -44,7 +44,7 @@ block's output with ``output_hidden_states=True``) instead of the dynamic layer 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -58,6 +58,7 @@ from jaxprune.scores import _apt as apt_scores
 from jaxprune.transforms import _apt_masks
 
 Key = tuple[str, int | None]
+SALIENCE = ('apt', 'fisher')  # structure scores the masks rank by (value_grads_and_salience)
 
 
 def apt(
@@ -150,23 +151,35 @@ def value_grads_and_salience(
     structures: Sequence[Any],
     *,
     outlier_params: Any = None,
+    salience: str = 'apt',
 ) -> tuple[jax.Array, Any, dict[Key, jax.Array], Any]:
-    """Loss, parameter gradients and APT salience from one forward/backward pass.
+    """Loss, parameter gradients and structure salience from one forward/backward pass.
 
     Args:
       loss_fn: ``(params, taps) -> (loss, (acts, aux))`` where ``acts`` is what the model returns
         alongside its output when given ``taps``.
       params: the differentiated (trainable) params.
-      taps: zero taps (``jaxprune.models._llama.make_taps``).
+      taps: zero taps (``jaxprune.models._llama.make_taps``; :func:`fisher_taps` for
+        ``salience='fisher'``, which ``loss_fn`` applies with :func:`tapped_masks`).
       structures: the model's structures.
-      outlier_params: full params for the decoder outlier term (``None`` = no outlier term).
+      outlier_params: full params for the decoder outlier term (``None`` = no outlier term;
+        APT salience only).
+      salience: ``'apt'`` (the paper's score, ``scores.apt_salience``) or ``'fisher'`` (the
+        per-example mask Fisher, ``scores.fisher_from_taps``).
 
     Returns:
       ``(loss, grads, salience, aux)``.
     """
+    if salience not in SALIENCE:
+        raise ValueError(f'{salience=} must be one of {SALIENCE}')
+    if salience == 'fisher' and outlier_params is not None:
+        raise ValueError('the outlier term adds to the APT salience only; '
+                         "pass outlier_params=None with salience='fisher'")
     (loss, (acts, aux)), (grads, tap_grads) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True
     )(params, taps)
+    if salience == 'fisher':
+        return loss, grads, apt_scores.fisher_from_taps(tap_grads, structures), aux
     salience = apt_scores.apt_salience(
         acts,
         tap_grads,
@@ -175,6 +188,39 @@ def value_grads_and_salience(
         outlier=outlier_params is not None,
     )
     return loss, grads, salience, aux
+
+
+def fisher_taps(config: Any, batch: int, seq: int, dtype: Any = jnp.float32) -> dict[str, Any]:
+    """Zero per-example mask taps for ``salience='fisher'`` (:func:`value_grads_and_salience`).
+
+    ``{'layers': ({'attn_ctx_mask': [B, 1, H*hd], 'mlp_mask': [B, 1, F]}, ...),
+    'hidden_mask': [B, 1, D]}``. The layer taps scale the head / neuron channels by ``1 + tap``
+    inside the model (``model(..., taps=taps['layers'])``); the hidden tap scales the hidden mask
+    itself (:func:`tapped_masks`), so its gradient covers every place the mask enters.
+    """
+    from jaxprune.models import _llama
+
+    return {
+        'layers': _llama.make_taps(config, batch, seq, sites=(), mask_sites=('attn_ctx', 'mlp'),
+                                   dtype=dtype),
+        'hidden_mask': jnp.zeros((batch, 1, config.hidden_size), dtype),
+    }
+
+
+def tapped_masks(masks: Any, taps: Any) -> tuple[Any, Any]:
+    """``(model_masks, layer_taps)`` for a forward with :func:`fisher_taps` (or plain) taps.
+
+    With fisher taps the hidden mask becomes per example, ``masks['hidden'] * (1 + tap)``
+    (``[B, 1, D]``; all ones when ``masks`` has none), and the layer taps are
+    ``taps['layers']``; plain per-layer taps pass through unchanged.
+    """
+    if not isinstance(taps, Mapping):
+        return masks, taps
+    masks = dict(masks or {})
+    hidden = masks.get('hidden')
+    one = 1 + taps['hidden_mask']
+    masks['hidden'] = one if hidden is None else hidden.astype(one.dtype) * one
+    return masks, taps['layers']
 
 
 def apt_loss(

@@ -11,6 +11,7 @@ import dataclasses
 from jaxprune import config as config_lib
 from jaxprune.schedules import _apt as apt_schedules
 
+SALIENCE = ('apt', 'fisher')
 TEACHERS = ('snapshot', 'dense')
 TEACHER_REFRESH = ('pruning', 'eval')
 
@@ -55,7 +56,11 @@ class AptCfg(config_lib.PruneCfg):
     teacher_refresh: str = 'pruning'
     compaction: bool = True
     count_embeddings: bool = False
-    outlier: bool | None = None  # kurtosis outlier term; None = on for causal LMs
+    # Structure score the masks rank by. 'apt': the paper's sum|H| * sum|dL/dH| per channel
+    # (+ the outlier term). 'fisher' (not in the paper): the per-example mask Fisher
+    # sum_b (sum_t H . dL/dH)^2 of Kwon et al. 2022 (scores.fisher_from_taps).
+    salience: str = 'apt'
+    outlier: bool | None = None  # kurtosis outlier term (APT salience); None = on for causal LMs
     check_compaction: bool = True  # log max |masked - compacted| logits at each pruning step
     export_dir: str | None = 'pruned'  # relative to run_dir; null = no export at the end
     # Per-structure floor (not in the paper): every layer keeps at least this fraction of its
@@ -86,6 +91,12 @@ class AptCfg(config_lib.PruneCfg):
             )
         if self.tuning_growth < 1:
             raise ValueError(f'prune.tuning_growth={self.tuning_growth} must be >= 1')
+        if self.salience not in SALIENCE:
+            raise ValueError(f'prune.salience={self.salience!r} must be one of {SALIENCE}')
+        if self.salience == 'fisher' and self.outlier:
+            raise ValueError(
+                'prune.outlier=true adds the kurtosis term to the APT salience; with '
+                'prune.salience=fisher set prune.outlier=false (or leave it null)')
         if self.teacher not in TEACHERS:
             raise ValueError(f'prune.teacher={self.teacher!r} must be one of {TEACHERS}')
         if self.teacher_refresh not in TEACHER_REFRESH:

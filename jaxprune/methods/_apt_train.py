@@ -158,7 +158,8 @@ class AptMethod:
         self.task = run_cfg.model.task
         self.arch = self.initial_arch = _apt_arch.arch_config(run_cfg)
         self.lora = run_cfg.lora.build()
-        self.outlier = cfg.outlier if cfg.outlier is not None else self.task == 'causal_lm'
+        self.outlier = (cfg.outlier if cfg.outlier is not None
+                        else self.task == 'causal_lm' and cfg.salience == 'apt')
         self.steps = apt_schedules.pruning_steps(
             run_cfg.train.steps,
             num_pruning_steps=cfg.num_pruning_steps,
@@ -361,7 +362,10 @@ class AptMethod:
             t_graphdef, t_rest = graphdef, rest
             teacher_masks = self.model_masks({'units': {}, 'rank': masks['rank']})
         ids, am, labels = batch['input_ids'], batch.get('attention_mask'), batch['labels']
-        taps = _llama.make_taps(self.arch, *ids.shape)
+        if self.cfg.salience == 'fisher':
+            taps = _apt.fisher_taps(self.arch, *ids.shape)
+        else:
+            taps = _llama.make_taps(self.arch, *ids.shape)
         mu = masks['mu']
 
         def call(model, **kw):
@@ -375,7 +379,8 @@ class AptMethod:
         def loss_fn(params, taps):
             tr, proj = params
             model = nnx.merge(graphdef, tr, rest)
-            res = call(model, masks=model_masks, taps=taps, output_hidden_states=self.hidden)
+            step_masks, layer_taps = _apt.tapped_masks(model_masks, taps)
+            res = call(model, masks=step_masks, taps=layer_taps, output_hidden_states=self.hidden)
             out, acts = res[:2]
             sums = _step.loss_sums(out, labels, task=self.task)
             ce = sums['loss_sum'] / jnp.maximum(sums['count'], 1.0)
@@ -416,7 +421,7 @@ class AptMethod:
         proj = masks.get('hidden_proj') if self.hidden else None
         loss, (grads, proj_grads), salience, aux = _apt.value_grads_and_salience(
             loss_fn, (trainable, proj), taps, self.budget_structures,
-            outlier_params=outlier_params,
+            outlier_params=outlier_params, salience=self.cfg.salience,
         )
         extra = {'salience': salience}
         if proj is not None:

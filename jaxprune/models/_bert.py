@@ -201,7 +201,6 @@ class BertConfig(_layers.PerLayerSizes):
 
 
 _get = _llama._get
-_tap_acts = _llama._tap_acts
 
 
 class Attention(nnx.Module):
@@ -283,19 +282,14 @@ class Block(nnx.Module):
         self.mlp_norm = _layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
 
     def __call__(self, x, bias, hidden, m, tap, weights, lora_aware):
-        resid_tap = None if tap is None else tap.get('resid')
         a, acts_ctx = self.attn(x, bias, m, tap, weights, lora_aware)
-        resid_acts = None
-        if resid_tap is not None:
-            a = a + resid_tap
-            resid_acts = _tap_acts(a, weights)
+        a, resid_acts = _llama.tap_site(a, tap, 'resid', weights)
         if hidden is not None:
             a = a * hidden
         x = self.attn_norm(x + a, hidden)
         f, acts_mlp = self.mlp(x, m, tap, weights, lora_aware)
-        if resid_tap is not None:
-            f = f + resid_tap
-            resid_acts = resid_acts + _tap_acts(f, weights)
+        f, acts_f = _llama.tap_site(f, tap, 'resid', weights)
+        resid_acts = _llama.add_acts(resid_acts, acts_f)
         if hidden is not None:
             f = f * hidden
         x = self.mlp_norm(x + f, hidden)

@@ -190,7 +190,9 @@ class Linear(nnx.Module):
 def _masked_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
     if mask is None:
         return jnp.mean(x, axis=-1, keepdims=True)
-    return jnp.sum(x * mask, axis=-1, keepdims=True) / jnp.maximum(jnp.sum(mask), 1.0)
+    # mask: [D] or per-example [..., 1, D] (Fisher salience differentiates per-example masks)
+    kept = jnp.sum(mask, axis=-1, keepdims=True)
+    return jnp.sum(x * mask, axis=-1, keepdims=True) / jnp.maximum(kept, 1.0)
 
 
 class RMSNorm(nnx.Module):

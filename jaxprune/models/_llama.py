@@ -225,14 +225,26 @@ def _get(d, key):
 
 
 def tap_site(h: jax.Array, tap: Any, name: str, weights: jax.Array | None):
-    """Adds the APT tap ``tap[name]`` to the activation ``h`` and returns ``(h, sum|h|)``.
+    """Applies the taps of site ``name`` to the activation ``h``; returns ``(h, sum|h|)``.
 
-    Without a tap for this site, ``h`` is returned unchanged with ``None`` activations.
+    ``tap[name + '_mask']`` (``[B, 1, C]`` zeros) scales ``h`` by ``1 + tap``: its gradient is the
+    per-example gradient of a per-channel mask, ``sum_t H * dL/dH`` (the Fisher salience). Then
+    ``tap[name]`` (``[B, T, C]`` zeros) is added: its gradient is ``dL/dH`` (the APT salience).
+    Without an additive tap for this site the activations are ``None``.
     """
-    if tap is None or name not in tap:
+    if tap is None:
+        return h, None
+    if name + '_mask' in tap:
+        h = h * (1 + tap[name + '_mask'].astype(h.dtype))
+    if name not in tap:
         return h, None
     h = h + tap[name]
     return h, _tap_acts(h, weights)
+
+
+def add_acts(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
+    """Sum of two optional per-channel activation sums (``None`` = no tap)."""
+    return b if a is None else a if b is None else a + b
 
 
 def project_heads(proj, ctx: jax.Array, m: Any, head_dim: int, *, rank_mask, lora_aware: bool):
@@ -344,18 +356,13 @@ class Block(nnx.Module):
         a, acts_ctx = self.attn(
             self.attn_norm(x, hidden), positions, bias, inv_freq, m, tap, weights, lora_aware
         )
-        resid_tap = None if tap is None else tap.get('resid')
-        resid_acts = None
-        if resid_tap is not None:
-            a = a + resid_tap
-            resid_acts = _tap_acts(a, weights)
+        a, resid_acts = tap_site(a, tap, 'resid', weights)
         if hidden is not None:
             a = a * hidden
         x = x + a
         f, acts_mlp = self.mlp(self.mlp_norm(x, hidden), m, tap, weights, lora_aware)
-        if resid_tap is not None:
-            f = f + resid_tap
-            resid_acts = resid_acts + _tap_acts(f, weights)
+        f, acts_f = tap_site(f, tap, 'resid', weights)
+        resid_acts = add_acts(resid_acts, acts_f)
         if hidden is not None:
             f = f * hidden
         x = x + f
@@ -424,7 +431,9 @@ class Llama(nnx.Module):
             as in Hugging Face's forward, so pad on the right).
           masks: structured masks, layout in ``jaxprune.models`` (``None`` = dense model).
           taps: per-layer dicts of zero arrays ``attn_ctx [B,T,H*hd]``, ``mlp [B,T,F]``,
-            ``resid [B,T,D]`` added at those sites; ``jax.grad`` wrt taps is dL/dH.
+            ``resid [B,T,D]`` added at those sites; ``jax.grad`` wrt taps is dL/dH. Optional
+            ``attn_ctx_mask``/``mlp_mask [B,1,C]`` scale the site by ``1 + tap`` (per-example
+            mask gradients). ``masks['hidden']`` may be per-example, ``[B, 1, D]``.
           lora_aware: LoRA adapters bypass the masks (ATP), see ``Linear``.
           output_hidden_states: also return every block's output (layer-wise distillation).
         """
@@ -481,9 +490,21 @@ def make_taps(
     seq: int,
     *,
     sites=('attn_ctx', 'mlp', 'resid'),
+    mask_sites=(),
     dtype=jnp.float32,
 ) -> tuple[dict[str, jax.Array], ...]:
-    """Zero taps for every layer of a Llama/BERT-like ``config`` (see ``Llama.__call__``)."""
+    """Zero taps for every layer of a Llama/BERT-like ``config`` (see ``Llama.__call__``).
+
+    ``sites`` get additive taps ``[batch, seq, C]`` (gradient: dL/dH); ``mask_sites`` get
+    multiplicative per-example taps ``{site}_mask: [batch, 1, C]`` (gradient: the per-example
+    gradient of a per-channel mask, see ``tap_site``; ``jaxprune.methods._apt.fisher_taps``
+    adds the hidden dims').
+    """
+    unknown = (set(sites) - {'attn_ctx', 'mlp', 'resid'}) | (set(mask_sites) - {'attn_ctx', 'mlp'})
+    if unknown:
+        raise ValueError(
+            f'unknown tap sites {sorted(unknown)}; sites: attn_ctx, mlp, resid; mask_sites: '
+            "attn_ctx, mlp (a hidden dim's per-example mask is masks['hidden'] itself)")
     out = []
     for i in range(config.num_layers):
         sizes = {
@@ -491,5 +512,7 @@ def make_taps(
             'mlp': config.mlp(i),
             'resid': config.hidden_size,
         }
-        out.append({s: jnp.zeros((batch, seq, sizes[s]), dtype) for s in sites})
+        taps = {s: jnp.zeros((batch, seq, sizes[s]), dtype) for s in sites}
+        taps |= {f'{s}_mask': jnp.zeros((batch, 1, sizes[s]), dtype) for s in mask_sites}
+        out.append(taps)
     return tuple(out)

@@ -9,6 +9,7 @@ whose output logits are scores for ATP's mask groups.
 from jaxprune.scores._apt import apt_salience as apt_salience
 from jaxprune.scores._apt import channel_salience as channel_salience
 from jaxprune.scores._apt import excess_kurtosis as excess_kurtosis
+from jaxprune.scores._apt import fisher_from_taps as fisher_from_taps
 from jaxprune.scores._apt import outlier_scores as outlier_scores
 from jaxprune.scores._apt import salience_density as salience_density
 from jaxprune.scores._apt import salience_from_taps as salience_from_taps

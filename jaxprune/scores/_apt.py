@@ -107,6 +107,71 @@ def _sum_blocks(values: jax.Array, size: int, what: str) -> jax.Array:
     return values.reshape(size, -1).sum(-1)
 
 
+def fisher_from_taps(
+    tap_grads: Mapping[str, Any],
+    structures: Sequence[Any],
+) -> dict[tuple[str, int | None], jax.Array]:
+    r"""Fisher salience of every structure from the per-example mask taps of one backward pass.
+
+    With :math:`m_u` a mask on unit :math:`u` and :math:`L_b` the loss of example :math:`b`,
+
+    .. math:: F_u = \sum_b \Big(\frac{\partial L_b}{\partial m_u}\Big)^2,
+        \qquad \frac{\partial L_b}{\partial m_u} = \sum_{t} \sum_{c \in C_u}
+        H_{b,t,c}\,\frac{\partial L_b}{\partial H_{b,t,c}},
+
+    the diagonal of the empirical Fisher information of the masks: removing a set of units
+    raises the loss by about :math:`\tfrac12 \sum_u F_u` (second order, at a minimum). Unlike
+    the APT score (:func:`channel_salience`, which multiplies the sums of :math:`|H|` and
+    :math:`|\partial L/\partial H|` over the whole batch) the product is taken per token and
+    the channels of a unit are summed *before* squaring, so activations and gradients that cancel
+    do not count. A hidden dimension's gradient is that of its mask itself (shared by the
+    embeddings, every sublayer output and every norm), taken per example.
+
+    Args:
+      tap_grads: gradients of the taps built by ``jaxprune.methods._apt.fisher_taps``:
+        ``{'layers': ({'attn_ctx_mask': f32[B, 1, C], 'mlp_mask': f32[B, 1, F]}, ...),
+        'hidden_mask': f32[B, 1, D]}``. With a batch-mean loss they are
+        :math:`\partial L_b / \partial m / B`, a common factor that does not change the ranking.
+      structures: the model's structures.
+
+    Returns:
+      Dict ``{(kind, layer): f32[size]}``.
+
+    Raises:
+      ValueError: for an unknown structure kind or a missing mask tap.
+
+    References:
+      Kwon, Kim, Mahoney, Hassoun, Keutzer, Gholami, *A Fast Post-Training Pruning Framework
+      for Transformers*, NeurIPS 2022, Sec. 4.1 (Fisher-based mask search).
+    """
+    def per_example(tree, name, where):
+        if name not in tree:
+            raise ValueError(
+                f'no {name!r} tap gradient {where}; build the taps with '
+                'jaxprune.methods._apt.fisher_taps(config, batch, seq)'
+            )
+        g = tree[name]
+        return g.reshape(g.shape[0], g.shape[-1]).astype(jnp.float32)
+
+    scores = {}
+    for structure in structures:
+        kind, layer = structure_key(structure)
+        if kind not in SITES:
+            raise ValueError(f'{kind=} has no APT tap site; expected one of {sorted(SITES)}')
+        if kind == 'hidden':
+            g = per_example(tap_grads, 'hidden_mask', 'at the top level')
+        else:
+            g = per_example(tap_grads['layers'][layer], f'{SITES[kind]}_mask', f'in {layer=}')
+        if g.shape[-1] % structure.size:
+            raise ValueError(
+                f'site width {g.shape[-1]} of {kind} {layer=} is not a multiple of '
+                f'size={structure.size}; check that the taps come from the same config'
+            )
+        per_unit = g.reshape(g.shape[0], structure.size, -1).sum(-1)
+        scores[(kind, layer)] = jnp.sum(per_unit**2, axis=0)
+    return scores
+
+
 def excess_kurtosis(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     r"""Fisher (excess) kurtosis :math:`E[(x-\mu)^4] / \sigma^4 - 3` along ``axis``."""
     x = x.astype(jnp.float32)

@@ -762,3 +762,51 @@ def test_resume_with_the_dense_teacher_equals_uninterrupted_run(tmp_path):
     assert any(e['kl'] > 0 for e in _events(run, 'train'))  # the teacher was really used
     _assert_same_run(run, ref_run, final, ref_final)
 
+
+
+def test_fisher_salience_in_the_training_step(tmp_path):
+    """prune.salience=fisher: the step's salience is the per-example mask Fisher of the loss.
+
+    At the first step mu = 0, so the loss is the batch-mean cross-entropy; the reference takes
+    ``jax.vmap`` of ``jax.grad`` of every example's cross-entropy with respect to all-ones model
+    masks (heads, neurons and the hidden dims), divides by the batch size (the batch mean) and
+    sums the squares over the batch.
+    """
+    from jaxprune.train import _step
+
+    cfg = _cfg(tmp_path, 'prune.salience=fisher')
+    s = _loop.setup(cfg)
+    method = s.method
+    assert not method.outlier
+    masks = optax.tree.get(s.state.opt_state, 'masks')
+    batch = method._probe()
+    batch['labels'] = jnp.asarray([0, 1])
+    (_, aux), _, extra = method.value_and_grad(
+        None, s.state.trainable, s.rest, batch, masks, None, graphdef=s.graphdef)
+    assert float(aux['mu']) == 0.0
+    model = nnx.merge(s.graphdef, s.state.trainable, s.rest)
+    model_masks = method.model_masks(masks)
+    arch, b = method.arch, batch['input_ids'].shape[0]
+    ones = {'hidden': jnp.ones(arch.hidden_size), 'layers': tuple(
+        {'heads': jnp.ones(arch.heads(i)), 'mlp': jnp.ones(arch.mlp(i))}
+        for i in range(arch.num_layers))}
+
+    def example_loss(m, ids, am, label):
+        full = {**model_masks, 'hidden': m['hidden'], 'layers': tuple(
+            {**lm, **mm} for lm, mm in zip(model_masks['layers'], m['layers'], strict=True))}
+        out = model(ids[None], am[None], masks=full)
+        return _step.loss_sums(out, label[None], task='classification')['loss_sum']
+
+    per_ex = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0, 0))(
+        ones, batch['input_ids'], batch['attention_mask'], batch['labels'])
+    got = extra['salience']
+    for i, m in enumerate(per_ex['layers']):
+        for kind in ('heads', 'mlp'):
+            want = ((np.asarray(m[kind], np.float64) / b) ** 2).sum(0)
+            np.testing.assert_allclose(got[(kind, i)], want, rtol=1e-3, atol=1e-12)
+    want = ((np.asarray(per_ex['hidden'], np.float64) / b) ** 2).sum(0)
+    np.testing.assert_allclose(got[('hidden', None)], want, rtol=1e-3, atol=1e-12)
+    with pytest.raises(ValueError, match='prune.salience=fisher set prune.outlier=false'):
+        _cfg(tmp_path, 'prune.salience=fisher', 'prune.outlier=true')
+    with pytest.raises(ValueError, match=r"prune.salience='fischer' must be one of"):
+        _cfg(tmp_path, 'prune.salience=fischer')
