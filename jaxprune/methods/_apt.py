@@ -34,6 +34,12 @@ distillation loss is the temperature KL of the logits plus the layer-wise hidden
 trainable ``[D_student, D_teacher]`` projection per layer pair (identity init), reusing
 ``jaxprune.methods._distill``.
 
+Salience (``salience=`` of :func:`value_grads_and_salience`, ``prune.salience``): ``'apt'`` is
+the paper's ``sum|H| * sum|dL/dH|`` per channel; ``'fisher'`` (not in the paper) is the
+per-example mask Fisher ``sum_b (dL_b/dm_u)^2`` (Kwon et al., NeurIPS 2022), from the
+multiplicative taps of :func:`fisher_taps` in the same backward pass. Everything downstream
+(EMA, salience density, budget search, soft masks) is the same for both.
+
 Deliberate deviations from the reference code: masks live in the optimizer state; by default
 the teacher is refreshed at pruning steps rather than when the validation metric improves (the
 training loop's ``prune.teacher_refresh=eval`` does the latter; the snapshot shares the pruned

@@ -810,3 +810,22 @@ def test_fisher_salience_in_the_training_step(tmp_path):
         _cfg(tmp_path, 'prune.salience=fisher', 'prune.outlier=true')
     with pytest.raises(ValueError, match=r"prune.salience='fischer' must be one of"):
         _cfg(tmp_path, 'prune.salience=fischer')
+
+
+def test_fisher_step_on_the_mesh_equals_one_device(tmp_path):
+    """prune.salience=fisher on a data=2 x fsdp=2 x tensor=2 mesh: the per-example mask taps
+    are split over the data axis, and the step's loss and salience EMA equal one device's."""
+    out = {}
+    for name, mesh in (('mesh', ('mesh.data=2', 'mesh.fsdp=2', 'mesh.tensor=2')),
+                       ('one', ('mesh.data=1',))):
+        s = _loop.setup(_cfg(tmp_path / name, 'prune.salience=fisher', *mesh))
+        assert s.mesh.devices.size == (8 if name == 'mesh' else 1)
+        step = train.make_train_step(s.graphdef, s.tx, task='classification', method=s.method)
+        batch = {**s.method._probe(), 'labels': jnp.asarray([0, 1], jnp.int32)}
+        state, m = step(s.state, s.rest, batch)
+        ema = optax.tree.get(state.opt_state, 'salience_ema')
+        out[name] = float(m['loss']), jax.tree.map(np.asarray, ema)
+    assert out['mesh'][0] == pytest.approx(out['one'][0], rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-12),
+                 out['mesh'][1], out['one'][1])
+    assert any(float(v.sum()) > 0 for v in jax.tree.leaves(out['one'][1]))
