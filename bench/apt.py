@@ -11,7 +11,8 @@ subprocess so ``ru_maxrss`` is that row's peak host memory):
   parameter), surgery, no retraining. Computed in the LoRA subprocess (its wall time / memory
   include the LoRA training).
 * ``apt``: ``prune.method=apt`` to 40 % block density (compaction during training, LoRA rank
-  growth, self-distillation), then the exported pruned model.
+  growth, self-distillation), then the exported pruned model; ``apt-paper``: the same with
+  ``prune.salience=apt`` (the paper's salience, whatever the config ships).
 
 Every final model is evaluated as a plain model (LoRA folded into the kernels, pruned units
 removed) on the full validation split; latency is the median of jitted forwards at batch 32 and
@@ -59,10 +60,11 @@ def _overrides(args, row: str, run_dir: str) -> tuple[str, list[str]]:
             'lora.enabled=false', 'train.learning_rate=1e-4']
     if row == 'lora':
         return 'configs/minilm_rotten_tomatoes_lora.yaml', common
-    if row == 'apt':
+    if row in ('apt', 'apt-paper'):  # apt-paper: the same config with the paper's salience
         return 'configs/apt_minilm_rotten_tomatoes.yaml', common + [
             f'prune.target_density={DENSITY}', f'prune.num_pruning_steps={args.pruning_steps}',
-            'prune.check_compaction=true', *args.set]
+            'prune.check_compaction=true', *args.set,
+            *(['prune.salience=apt'] if row == 'apt-paper' else [])]
     llama = [f'run_dir={run_dir}', f'train.steps={args.llama_steps}', 'train.eval_every=0',
              'checkpoint.every=0', f'train.warmup_steps={max(1, args.llama_steps // 10)}',
              f'train.seed={args.seed}', f'data.seed={args.seed}']
@@ -273,7 +275,7 @@ def run_row(args) -> None:
     train.train(cfg, progress=False)
     train_s = time.perf_counter() - t0
     rows = []
-    if args.row in ('apt', 'llama-apt'):
+    if args.row in ('apt', 'apt-paper', 'llama-apt'):
         model, _ = _apt_export.load_pruned(pathlib.Path(cfg.run_dir) / 'pruned')
         from jaxprune import assets
 
@@ -331,7 +333,7 @@ def remeasure(args) -> int:
     for name, folder in (('lora+oneshot-salience', 'lora/oneshot-salience'),
                          ('lora+oneshot-fisher', 'lora/oneshot-fisher'),
                          ('lora+oneshot-magnitude', 'lora/oneshot-magnitude'),
-                         ('apt', 'apt/pruned')):
+                         ('apt-paper', 'apt-paper/pruned'), ('apt', 'apt/pruned')):
         if (tmp / folder).exists():
             models[name] = _apt_export.load_pruned(tmp / folder)[0]
     if cfg is None or 'dense' not in models:
@@ -492,7 +494,7 @@ def main(argv=None) -> int:
                 shutil.copy(f, tmp / f.name)
     order = {n: i for i, n in enumerate(['dense', 'lora', 'lora+oneshot-salience',
                                          'lora+oneshot-fisher', 'lora+oneshot-magnitude',
-                                         'apt'])}
+                                         'apt-paper', 'apt'])}
     rows.sort(key=lambda r: order.get(r['row'], 99))
     dense = next(r for r in rows if r['row'] == 'dense')
     for r in rows:
