@@ -64,7 +64,7 @@ from jaxprune.scores import _apt as apt_scores
 from jaxprune.transforms import _apt_masks
 
 Key = tuple[str, int | None]
-SALIENCE = ('apt', 'fisher')  # structure scores the masks rank by (value_grads_and_salience)
+SALIENCE = apt_scores.SALIENCE  # structure scores the masks rank by (value_grads_and_salience)
 
 
 def apt(

@@ -10,8 +10,9 @@ import dataclasses
 
 from jaxprune import config as config_lib
 from jaxprune.schedules import _apt as apt_schedules
+from jaxprune.scores import _apt as apt_scores
 
-SALIENCE = ('apt', 'fisher')
+SALIENCE = apt_scores.SALIENCE
 TEACHERS = ('snapshot', 'dense')
 TEACHER_REFRESH = ('pruning', 'eval')
 

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 
 # Which tap site carries the channels of each structure kind (see the models' taps contract).
 SITES = {'heads': 'attn_ctx', 'mlp': 'mlp', 'hidden': 'resid'}
+# The structure scores APT's masks can rank by: apt_salience (the paper) or fisher_from_taps.
+SALIENCE = ('apt', 'fisher')
 
 
 def structure_key(structure: Any) -> tuple[str, int | None]:
@@ -104,7 +106,7 @@ def _sum_blocks(values: jax.Array, size: int, what: str) -> jax.Array:
             f'site width {values.shape[-1]} of {what} is not a multiple of {size=}; check that the '
             'taps come from the same config as the structures'
         )
-    return values.reshape(size, -1).sum(-1)
+    return values.reshape(*values.shape[:-1], size, -1).sum(-1)
 
 
 def fisher_from_taps(
@@ -162,12 +164,7 @@ def fisher_from_taps(
             g = per_example(tap_grads, 'hidden_mask', 'at the top level')
         else:
             g = per_example(tap_grads['layers'][layer], f'{SITES[kind]}_mask', f'in {layer=}')
-        if g.shape[-1] % structure.size:
-            raise ValueError(
-                f'site width {g.shape[-1]} of {kind} {layer=} is not a multiple of '
-                f'size={structure.size}; check that the taps come from the same config'
-            )
-        per_unit = g.reshape(g.shape[0], structure.size, -1).sum(-1)
+        per_unit = _sum_blocks(g, structure.size, f'{kind} {layer=}')  # [B, size]
         scores[(kind, layer)] = jnp.sum(per_unit**2, axis=0)
     return scores
 
