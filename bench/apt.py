@@ -204,7 +204,7 @@ def _oneshot(model, cfg, s, *, scores: str, calib_batches: int | None = None):
     from jaxprune import methods, surgery
     from jaxprune.masks import _budget
     from jaxprune.methods import _apt, _apt_arch
-    from jaxprune.models import _llama, _structures
+    from jaxprune.models import _structures
     from jaxprune.scores import _apt as apt_scores
     from jaxprune.train import _data, _step
 
@@ -220,12 +220,12 @@ def _oneshot(model, cfg, s, *, scores: str, calib_batches: int | None = None):
     if scores in ('salience', 'fisher'):
         graphdef, state = nnx.split(plain)
         task = cfg.model.task
-        fisher = scores == 'fisher'
+        salience = 'fisher' if scores == 'fisher' else 'apt'
 
         @jax.jit
         def sal(state, b):
             shape = b['input_ids'].shape
-            taps = _apt.fisher_taps(arch, *shape) if fisher else _llama.make_taps(arch, *shape)
+            taps = _apt.salience_taps(arch, *shape, salience=salience)
 
             def loss_fn(st, taps):
                 masks, layer_taps = _apt.tapped_masks(None, taps)
@@ -235,7 +235,7 @@ def _oneshot(model, cfg, s, *, scores: str, calib_batches: int | None = None):
                 return sums['loss_sum'] / jnp.maximum(sums['count'], 1.0), (acts, None)
 
             return _apt.value_grads_and_salience(
-                loss_fn, state, taps, bstructs, salience='fisher' if fisher else 'apt')[2]
+                loss_fn, state, taps, bstructs, salience=salience)[2]
 
         stream = _data.train_batches(s.splits['train'], s.tokenizer, cfg.data, task=task)
         total = None

@@ -196,6 +196,22 @@ def value_grads_and_salience(
     return loss, grads, salience, aux
 
 
+def salience_taps(config: Any, batch: int, seq: int, *, salience: str = 'apt',
+                  dtype: Any = jnp.float32) -> Any:
+    """Zero taps for :func:`value_grads_and_salience` with the same ``salience=``.
+
+    ``'apt'``: the additive per-token taps of ``jaxprune.models.make_taps``; ``'fisher'``: the
+    per-example mask taps of :func:`fisher_taps` (apply them with :func:`tapped_masks`).
+    """
+    if salience not in SALIENCE:
+        raise ValueError(f'{salience=} must be one of {SALIENCE}')
+    if salience == 'fisher':
+        return fisher_taps(config, batch, seq, dtype)
+    from jaxprune.models import _llama
+
+    return _llama.make_taps(config, batch, seq, dtype=dtype)
+
+
 def fisher_taps(config: Any, batch: int, seq: int, dtype: Any = jnp.float32) -> dict[str, Any]:
     """Zero per-example mask taps for ``salience='fisher'`` (:func:`value_grads_and_salience`).
 

@@ -350,7 +350,6 @@ class AptMethod:
 
     def value_and_grad(self, fn, trainable, rest, batch, masks, rng, *, graphdef):
         """Loss, gradients and APT salience from one backward pass (taps), plus distillation."""
-        from jaxprune.models import _llama
         from jaxprune.train import _step
 
         del rng
@@ -362,10 +361,7 @@ class AptMethod:
             t_graphdef, t_rest = graphdef, rest
             teacher_masks = self.model_masks({'units': {}, 'rank': masks['rank']})
         ids, am, labels = batch['input_ids'], batch.get('attention_mask'), batch['labels']
-        if self.cfg.salience == 'fisher':
-            taps = _apt.fisher_taps(self.arch, *ids.shape)
-        else:
-            taps = _llama.make_taps(self.arch, *ids.shape)
+        taps = _apt.salience_taps(self.arch, *ids.shape, salience=self.cfg.salience)
         mu = masks['mu']
 
         def call(model, **kw):

@@ -143,3 +143,16 @@ def test_fisher_taps_leave_the_forward_unchanged():
                                rtol=1e-6)
     with pytest.raises(ValueError, match='unknown tap sites'):
         _llama.make_taps(config, 2, 3, mask_sites=('resid',))
+
+
+def test_salience_taps_pair_each_score_with_its_taps():
+    from jaxprune.methods import _apt as apt_method
+
+    config = _llama.LlamaConfig.tiny()
+    shapes = lambda t: jax.tree.map(lambda x: x.shape, t)  # noqa: E731
+    assert shapes(apt_method.salience_taps(config, 3, 5)) == shapes(
+        _llama.make_taps(config, 3, 5))
+    assert shapes(apt_method.salience_taps(config, 3, 5, salience='fisher')) == shapes(
+        apt_method.fisher_taps(config, 3, 5))
+    with pytest.raises(ValueError, match='salience'):
+        apt_method.salience_taps(config, 3, 5, salience='wanda')
