@@ -216,12 +216,15 @@ def test_hidden_distillation_matches_reference(tmp_path):
     assert _method.build_method(lm_on.prune, run_cfg=lm_on).hidden
 
 
-@pytest.mark.parametrize('seed', [0, 1])
-def test_pruning_step_compacted_equals_masked(tmp_path, seed):
+@pytest.mark.parametrize('seed,bitfit', [(0, False), (1, False), (0, True)])
+def test_pruning_step_compacted_equals_masked(tmp_path, seed, bitfit):
     """Hard masks -> surgery: logits equal (atol 1e-5), params match the budget, ranks grow."""
     # Seed 1 also averages the params (train.param_ema): the average must be cut like them.
+    # bitfit: every bias and norm scale trains too (lora.head_modules), so the surgery cuts
+    # trainable q/k/v/up biases (heads, neurons) and trainable norms (hidden dims).
     cfg = _cfg(tmp_path, 'train.steps=12', 'prune.num_pruning_steps=2',
-               *(['train.param_ema=0.9'] if seed else []))
+               *(['train.param_ema=0.9'] if seed else []),
+               *(['lora.head_modules=[classifier,pooler,bias,scale]'] if bitfit else []))
     s = _loop.setup(cfg)
     method = s.method
     opt_state = s.state.opt_state
@@ -238,6 +241,10 @@ def test_pruning_step_compacted_equals_masked(tmp_path, seed):
         lambda x: x + 0.05 * jax.random.normal(jax.random.key(seed), x.shape, x.dtype),
         ts.trainable)
     ts = ts._replace(trainable=trainable)
+    if bitfit:  # the biases and norms of every block are among the perturbed trainable params
+        paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(trainable)}
+        assert any("'attn_norm']['scale']" in p for p in paths)
+        assert any("'up']['bias']" in p for p in paths)
     if seed:  # one averaged update equal to the current params: the average is the params
         ts = ts._replace(opt_state=jax.tree.map(
             lambda x: x._replace(count=jnp.ones_like(x.count), weight=jnp.float32(0.1),

@@ -149,7 +149,7 @@ def test_salience_taps_pair_each_score_with_its_taps():
     from jaxprune.methods import _apt as apt_method
 
     config = _llama.LlamaConfig.tiny()
-    shapes = lambda t: jax.tree.map(lambda x: x.shape, t)  # noqa: E731
+    shapes = lambda t: jax.tree.map(lambda x: x.shape, t)
     assert shapes(apt_method.salience_taps(config, 3, 5)) == shapes(
         _llama.make_taps(config, 3, 5))
     assert shapes(apt_method.salience_taps(config, 3, 5, salience='fisher')) == shapes(
