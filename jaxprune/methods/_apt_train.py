@@ -58,6 +58,7 @@ Deliberate deviations from the paper / reference code:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -590,15 +591,7 @@ class AptMethod:
     def _logits(self, model, masks) -> np.ndarray:
         graphdef, st = nnx.split(model)
         mm = self.model_masks({'units': masks['units'], 'rank': masks['rank']})
-
-        @jax.jit
-        def fwd(st, mm, b):
-            m = nnx.merge(graphdef, st)
-            if 'attention_mask' in b:
-                return m(b['input_ids'], b['attention_mask'], masks=mm)
-            return m(b['input_ids'], masks=mm)
-
-        return np.asarray(fwd(st, mm, self._probe()))
+        return np.asarray(_probe_forward(graphdef)(st, mm, self._probe()))
 
     def pruning_step(
         self, count: int, state: train_lib.LoopState, *, step: int | None = None
@@ -799,6 +792,24 @@ class AptMethod:
         info = _apt_export.save_pruned(model, arch, path, rank_masks=ranks)
         logger.info('APT: exported the pruned model to %s (HF folder: %s)', path, info['hf'])
         return info
+
+
+@functools.lru_cache(maxsize=4)
+def _probe_forward(graphdef: nnx.GraphDef) -> Any:
+    """Jitted masked forward of one architecture, cached on its (hashable) graphdef.
+
+    A pruning step's check compares the model before surgery with the compacted one; the model
+    before is the previous step's compacted model, so its forward is compiled once, not twice.
+    """
+
+    @jax.jit
+    def fwd(st, mm, b):
+        m = nnx.merge(graphdef, st)
+        if 'attention_mask' in b:
+            return m(b['input_ids'], b['attention_mask'], masks=mm)
+        return m(b['input_ids'], masks=mm)
+
+    return fwd
 
 
 @train_lib.register_method('apt')
