@@ -591,7 +591,7 @@ class AptMethod:
     def _logits(self, model, masks) -> np.ndarray:
         graphdef, st = nnx.split(model)
         mm = self.model_masks({'units': masks['units'], 'rank': masks['rank']})
-        return np.asarray(_probe_forward(graphdef)(st, mm, self._probe()))
+        return np.asarray(_probe_forward(st, mm, self._probe(), graphdef=graphdef))
 
     def pruning_step(
         self, count: int, state: train_lib.LoopState, *, step: int | None = None
@@ -794,22 +794,17 @@ class AptMethod:
         return info
 
 
-@functools.lru_cache(maxsize=4)
-def _probe_forward(graphdef: nnx.GraphDef) -> Any:
-    """Jitted masked forward of one architecture, cached on its (hashable) graphdef.
+@functools.partial(jax.jit, static_argnames='graphdef')
+def _probe_forward(st: Any, mm: Any, b: dict[str, jax.Array], *, graphdef: nnx.GraphDef):
+    """Masked forward of the compaction check, compiled once per architecture.
 
-    A pruning step's check compares the model before surgery with the compacted one; the model
-    before is the previous step's compacted model, so its forward is compiled once, not twice.
+    The graphdef is static (hashable, equal across splits of the same structure), so the model
+    before a pruning step reuses the compiled forward of the previous step's compacted model.
     """
-
-    @jax.jit
-    def fwd(st, mm, b):
-        m = nnx.merge(graphdef, st)
-        if 'attention_mask' in b:
-            return m(b['input_ids'], b['attention_mask'], masks=mm)
-        return m(b['input_ids'], masks=mm)
-
-    return fwd
+    m = nnx.merge(graphdef, st)
+    if 'attention_mask' in b:
+        return m(b['input_ids'], b['attention_mask'], masks=mm)
+    return m(b['input_ids'], masks=mm)
 
 
 @train_lib.register_method('apt')
