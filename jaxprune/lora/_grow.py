@@ -13,6 +13,7 @@ factors carry the same logical axes as their kernels).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -92,6 +93,72 @@ def ema(
     return {k: beta * old[k] + (1 - beta) * new[k] for k in new}
 
 
+# Per-adapter edits are one small jitted program per factor shape: APT edits adapters outside
+# jit at every pruning step, right after surgery changed their shapes, and eager ops there
+# compiled one program per op and shape (measured: most of a pruning step's time). The random
+# draws dominate compilation, so they are drawn at a few padded shapes and sliced (below).
+
+
+def _normal(key: jax.Array, shape: tuple[int, int], dtype: Any) -> jax.Array:
+    """``jax.random.normal(key, shape, dtype)`` drawn at ``(next power of two, cols)`` rows.
+
+    Sliced back to ``shape[0]`` rows inside the consumer's jit. With JAX's default
+    ``jax_threefry_partitionable=True`` the first rows of a draw do not depend on how many rows
+    are drawn, so the values equal a direct draw at ``shape`` while only one threefry program
+    per power of two is compiled for a whole run.
+    """
+    rows = 1 << max(0, shape[0] - 1).bit_length()
+    return jax.random.normal(key, (rows, shape[1]), dtype)
+
+
+@jax.jit
+def _grow_factors(a, b, old_mask, new_rank, noise, scale):
+    """Activates components ``[0, new_rank)``: fresh ones get a random ``A`` column, zero ``B``.
+
+    ``scale`` is an argument, not a constant, so ``noise / scale`` stays a true division (XLA
+    turns division by a constant into a multiply, one ulp off the eager result).
+    """
+    mask = (jnp.arange(a.shape[-1]) < new_rank).astype(jnp.float32)
+    fresh = (mask > 0) & (old_mask <= 0)
+    a = jnp.where(fresh[None, :], noise[: a.shape[0]] / scale, a)
+    b = jnp.where(fresh[:, None], jnp.zeros((), b.dtype), b)
+    return a, b, mask
+
+
+@functools.partial(jax.jit, static_argnames=('axis', 'bucket'))
+def move_active(x: jax.Array, mask: jax.Array, *, axis: int, bucket: int) -> jax.Array:
+    """``x`` with the active components of ``mask`` (``> 0``) first along ``axis``, in their
+    order, at size ``bucket`` (zeros after them); the caller checks that they fit."""
+    active = mask > 0
+    order = jnp.argsort(~active, stable=True)
+    slot = jnp.arange(bucket)
+    taken = jnp.take(x, order[jnp.minimum(slot, order.shape[0] - 1)], axis=axis)
+    shape = [1] * x.ndim
+    shape[axis] = bucket
+    on = (slot < jnp.sum(active)).reshape(shape)
+    return jnp.where(on, taken, jnp.zeros((), x.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=('bucket',))
+def _resize_factors(a, b, mask, noise, scale, ratio, *, bucket):
+    """:func:`resize_ranks` for one adapter: active components first, fresh slots random A."""
+    on = jnp.arange(bucket) < jnp.sum(mask > 0)
+    new_a = jnp.where(on[None, :], move_active(a, mask, axis=1, bucket=bucket),
+                      noise[: a.shape[0]] / scale)
+    new_b = move_active(b * ratio, mask, axis=0, bucket=bucket)
+    return new_a, new_b, on.astype(jnp.float32)
+
+
+def _scale(a: jax.Array) -> jax.Array:
+    return jnp.asarray(math.sqrt(a.shape[0]), a.dtype)
+
+
+def _check_fits(path: Path, mask: Any, bucket: int) -> None:
+    active = int(np.sum(np.asarray(mask) > 0))
+    if active > bucket:
+        raise ValueError(f'adapter {path} has {active} active ranks > {bucket=}')
+
+
 def grow_ranks(
     params: Any,
     rank_masks: Mapping[Path, jax.Array],
@@ -143,11 +210,8 @@ def grow_ranks(
         rank = jnp.sum(rank_masks[path] > 0)
         grown = jnp.minimum(jnp.ceil(rank * factor).astype(jnp.int32), min(max_rank, bucket))
         new_rank = jnp.where(chosen[i], jnp.maximum(grown, rank), rank)
-        mask = (jnp.arange(bucket) < new_rank).astype(jnp.float32)
-        fresh = (mask > 0) & (rank_masks[path] <= 0)
-        noise = jax.random.normal(jax.random.fold_in(key, i), a.shape, a.dtype)
-        a = jnp.where(fresh[None, :], noise / math.sqrt(a.shape[0]), a)
-        b = jnp.where(fresh[:, None], 0, b)
+        noise = _normal(jax.random.fold_in(key, i), a.shape, a.dtype)
+        a, b, mask = _grow_factors(a, b, rank_masks[path], new_rank, noise, _scale(a))
         params = _set(params, path + ('lora_a',), a)
         params = _set(params, path + ('lora_b',), b)
         new_masks[path] = mask
@@ -215,16 +279,13 @@ def resize_ranks(
     new_masks = {}
     for i, (path, mask) in enumerate(sorted(rank_masks.items(), key=lambda kv: str(kv[0]))):
         a, b = ab[path]['lora_a'], ab[path]['lora_b']
-        active = np.flatnonzero(np.asarray(mask) > 0)
-        if active.size > bucket:
-            raise ValueError(f'adapter {path} has {active.size} active ranks > {bucket=}')
+        _check_fits(path, mask, bucket)
         ratio = bucket / a.shape[-1] if rescale else 1.0
-        noise = jax.random.normal(jax.random.fold_in(key, i), (a.shape[0], bucket), a.dtype)
-        new_a = (noise / math.sqrt(a.shape[0])).at[:, : active.size].set(a[:, active])
-        new_b = jnp.zeros((bucket, b.shape[1]), b.dtype).at[: active.size].set(b[active] * ratio)
+        noise = _normal(jax.random.fold_in(key, i), (a.shape[0], bucket), a.dtype)
+        new_a, new_b, new_masks[path] = _resize_factors(
+            a, b, mask, noise, _scale(a), jnp.asarray(ratio, b.dtype), bucket=bucket)
         params = _set(params, path + ('lora_a',), new_a)
         params = _set(params, path + ('lora_b',), new_b)
-        new_masks[path] = (jnp.arange(bucket) < active.size).astype(jnp.float32)
     return params, new_masks
 
 
@@ -254,20 +315,11 @@ def resize_ranks_like(tree: Any, rank_masks: Mapping[Path, jax.Array], bucket: i
     """
     plan = {}
     for path, mask in rank_masks.items():
-        active = np.flatnonzero(np.asarray(mask) > 0)
-        if active.size > bucket:
-            raise ValueError(f'adapter {path} has {active.size} active ranks > {bucket=}')
-        plan[tuple(path) + ('lora_a',)] = (active, 1)
-        plan[tuple(path) + ('lora_b',)] = (active, 0)
-
-    def resize(x, entry):
-        active, axis = entry
-        kept = jnp.take(x, jnp.asarray(active), axis=axis)
-        pad = [(0, 0)] * x.ndim
-        pad[axis] = (0, bucket - active.size)
-        return jnp.pad(kept, pad)
-
-    return _tree.map_planned(tree, plan, resize)
+        _check_fits(path, mask, bucket)
+        plan[tuple(path) + ('lora_a',)] = (mask, 1)
+        plan[tuple(path) + ('lora_b',)] = (mask, 0)
+    return _tree.map_planned(
+        tree, plan, lambda x, e: move_active(x, e[0], axis=e[1], bucket=bucket))
 
 
 def zero_inactive_ranks(tree: Any, rank_masks: Mapping[Path, jax.Array]) -> Any:

@@ -156,3 +156,41 @@ def test_resize_ranks_like_optimizer_state():
         new_state[0].nu['layers'][1]['q']['kernel'], state[0].nu['layers'][1]['q']['kernel']
     )
     tx.update(jax.tree.map(jnp.ones_like, new_params), new_state, new_params)
+
+
+@pytest.mark.parametrize('axis', [0, 1])
+def test_move_active_matches_numpy_reference(axis):
+    """Reference: numpy fancy indexing of the active components, then zero padding."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, 5) if axis == 0 else (5, 6)).astype(np.float32)
+    mask = np.array([0.0, 1.0, 0.0, 0.4, 1.0, 0.0], np.float32)  # soft, non-prefix
+    for bucket in (3, 4, 8):
+        got = np.asarray(_grow.move_active(jnp.asarray(x), jnp.asarray(mask), axis=axis,
+                                           bucket=bucket))
+        kept = np.take(x, np.flatnonzero(mask > 0), axis=axis)
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (0, bucket - 3)
+        np.testing.assert_array_equal(got, np.pad(kept, pad))
+
+
+def test_normal_draw_equals_a_direct_draw():
+    """The padded draw's first rows are the values of a draw at the asked shape."""
+    key = jax.random.key(7)
+    for rows in (1, 3, 4, 5, 12):
+        got = _grow._normal(key, (rows, 6), jnp.float32)
+        assert got.shape[0] >= rows and got.shape[0] & (got.shape[0] - 1) == 0
+        np.testing.assert_array_equal(got[:rows], jax.random.normal(key, (rows, 6)))
+
+
+def test_resize_ranks_fresh_slots_are_scaled_normal_draws():
+    """Slots past the active ranks: ``A = N(0, 1) / sqrt(fan_in)`` drawn per adapter, ``B = 0``."""
+    params = _toy_params(0, r=8)
+    masks = _grow.init_rank_masks(params, 3)
+    key = jax.random.key(4)
+    new, new_masks = _grow.resize_ranks(params, masks, 6, key=key)
+    for i, path in enumerate(sorted(masks, key=str)):
+        got = new[path[0]][path[1]][path[2]]
+        want = jax.random.normal(jax.random.fold_in(key, i), (5, 6)) / np.sqrt(5)
+        np.testing.assert_allclose(got['lora_a'][:, 3:], want[:, 3:], rtol=1e-6)
+        np.testing.assert_array_equal(got['lora_b'][3:], 0.0)
+        np.testing.assert_array_equal(new_masks[path], [1, 1, 1, 0, 0, 0])
