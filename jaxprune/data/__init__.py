@@ -16,4 +16,5 @@ from jaxprune.data._batches import classification_eval_batches as classification
 from jaxprune.data._batches import lm_batches as lm_batches
 from jaxprune.data._batches import lm_eval_batches as lm_eval_batches
 from jaxprune.data._batches import pack as pack
+from jaxprune.data._batches import pad_length as pad_length
 from jaxprune.data._load import load_dataset as load_dataset

@@ -40,6 +40,28 @@ def bucket_length(longest: int, *, max_len: int, bucket: int | str = 16) -> int:
     return min(length, max_len)
 
 
+def pad_length(batch: Batch, length: int, *, pad_id: int) -> Batch:
+    """``batch`` with its ``[B, T]`` token arrays right-padded to ``length`` (a classification
+    batch from :func:`classification_batches`: ``input_ids`` with ``pad_id``, ``attention_mask``
+    with 0, so the padded positions are masked out). A batch already that long is returned as is.
+
+    Raises:
+      ValueError: if the batch is longer than ``length``.
+    """
+    t = batch['input_ids'].shape[1]
+    if t > length:
+        raise ValueError(f'batch length {t} exceeds {length=}; pad to at least the longest row')
+    if t == length:
+        return batch
+    fill = {'input_ids': pad_id, 'attention_mask': 0}
+    out = dict(batch)
+    for k, v in fill.items():
+        if k in batch:
+            x = batch[k]
+            out[k] = np.concatenate([x, np.full((x.shape[0], length - t), v, x.dtype)], axis=1)
+    return out
+
+
 def _pad_id(tokenizer: Any) -> int:
     for attr in ('pad_token_id', 'eos_token_id'):
         if (i := getattr(tokenizer, attr, None)) is not None:

@@ -67,6 +67,25 @@ def test_classification_batches_match_reference(tok):
         assert batch['labels'].shape == (4,)
 
 
+def test_pad_length_equals_a_stream_padded_to_that_length(tok):
+    """Reference: the same stream with one bucket the size of ``max_len`` (every batch full)."""
+    ds = _cls_ds()
+    bucketed = _take(data.classification_batches(ds, tok, batch_size=4, max_len=48, seed=2), 12)
+    full = _take(
+        data.classification_batches(ds, tok, batch_size=4, max_len=48, seed=2, bucket=48), 12)
+    assert {b['input_ids'].shape[1] for b in bucketed} != {48}  # some batches really are shorter
+    for b, want in zip(bucketed, full, strict=True):
+        got = data.pad_length(b, 48, pad_id=tok.pad_token_id)
+        assert got.keys() == want.keys()
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+            assert got[k].dtype == want[k].dtype
+    same = data.pad_length(full[0], 48, pad_id=0)
+    assert same is full[0]
+    with pytest.raises(ValueError, match='batch length 48 exceeds length=32'):
+        data.pad_length(full[0], 32, pad_id=0)
+
+
 def test_classification_epochs_cover_rows_and_reshuffle(tok):
     ds = _cls_ds(n=48)
     batches = _take(data.classification_batches(ds, tok, batch_size=8, max_len=64, seed=0), 12)
