@@ -177,8 +177,9 @@ def _rate(n: int, seconds: float) -> float | None:
     return n / seconds if n else None  # None: the window held only the compile step
 
 
-def _meta(s: Setup, step: int, data_position: int) -> dict[str, Any]:
-    return {'step': step, 'data_position': data_position,
+def _meta(s: Setup, step: int, data_position: int,
+          pad_len: int | None = None) -> dict[str, Any]:
+    return {'step': step, 'data_position': data_position, 'pad_len': pad_len,
             'skipped_nonfinite': int(s.state.skipped), 'config': s.cfg.to_dict(),
             'method': _method.checkpoint_meta_fn(s.method)()}
 
@@ -259,6 +260,17 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
     tcfg, task = cfg.train, cfg.model.task
     ckpts = _checkpointer(cfg)
     data_position = 0
+    # Classification batches are padded to a length bucket, and every (architecture, length)
+    # pair compiles the train step once. After the first shape change (surgery) a method may
+    # change shapes again within a few steps (APT: every ~12 steps), where a compile per bucket
+    # costs far more than the padding saves, so from then on batches are padded to max_len: one
+    # compile per architecture. Stored in the checkpoint so a resumed run pads as the original.
+    pad_len = None
+    from jaxprune import data as data_lib  # here, not at import: it pulls in `datasets`
+    from jaxprune.data._batches import _pad_id
+
+    pad_id = _pad_id(s.tokenizer)  # the stream's own pad token
+
     if not cfg.checkpoint.resume and ckpts.latest_step() is not None:
         ckpts.close()
         raise ValueError(
@@ -277,6 +289,7 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
         if found is not None:
             _, meta = found
             data_position = int(meta['data_position'])
+            pad_len = meta.get('pad_len')
             logger.info('resumed from step %d (data position %d)', meta['step'], data_position)
     if jax.process_index() == 0:  # one writer per run directory; after a resume is accepted, so
         config_lib.save_config(cfg, run_dir / 'config.yaml')  # a refused one keeps the saved run's
@@ -301,6 +314,8 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
     try:
         for step in range(start, tcfg.steps):
             batch = next(stream)
+            if pad_len is not None:
+                batch = data_lib.pad_length(batch, pad_len, pad_id=pad_id)
             data_position += 1
             s.state, m = step_fn(s.state, s.rest, _place(batch, b_sh))
             window.append(m)
@@ -312,6 +327,11 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
             loop_state = s.method.on_step_end(done, _method.LoopState(s.graphdef, s.state, s.rest))
             if _adopt(s, loop_state):  # surgery changed shapes: re-sharded, so re-jit
                 step_fn = compile_step()
+                if pad_len is None and task == 'classification':
+                    pad_len = cfg.data.max_len
+                    logger.info('shapes changed at step %d: batches are padded to data.max_len='
+                                '%d from here on (one compile per architecture, not per length '
+                                'bucket)', done, pad_len)
             if done == start + 1:  # the first step includes compilation; keep it out of rates
                 jax.block_until_ready(m['loss'])
                 log.log('compile', done, seconds=time.perf_counter() - w_start)
@@ -347,7 +367,7 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
                                        'graph; only on_step_end may change shapes')
             every = cfg.checkpoint.every
             if (every and done % every == 0) or done == tcfg.steps:
-                ckpts.save(done, s.state, _meta(s, done, data_position))
+                ckpts.save(done, s.state, _meta(s, done, data_position, pad_len))
             w_start += time.perf_counter() - paused
         last = log.log('eval', int(s.state.step), **evaluate_state(s),
                        skipped_nonfinite=int(s.state.skipped))

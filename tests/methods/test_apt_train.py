@@ -457,6 +457,29 @@ def test_training_refreshes_the_teacher_at_evals_that_improve(tmp_path):
     assert [(e['step'], e['score']) for e in events if e['event'] == 'teacher_refresh'] == want
 
 
+def test_batches_pad_to_max_len_after_the_first_surgery(tmp_path, monkeypatch):
+    """Before the first pruning step batches keep their length buckets; from it on every batch is
+    ``data.max_len`` long (one train-step compile per architecture), and a checkpoint records the
+    padding so a resumed run pads the same way."""
+    lengths = []
+    place = _loop._place
+    monkeypatch.setattr(_loop, '_place', lambda b, sh: (lengths.append(b['input_ids'].shape),
+                                                        place(b, sh))[1])
+    cfg = _cfg(tmp_path, 'train.steps=6', 'prune.num_pruning_steps=1', 'checkpoint.every=2',
+               'checkpoint.keep=3', 'prune.check_compaction=false', 'train.eval_every=0',
+               'data.eval_batch_size=5', 'data.max_len=64')  # rows bucket to 48
+    _loop.train(cfg, progress=False)
+    [prune] = _events(tmp_path, 'prune')
+    first = prune['step']
+    train = [t for b, t in lengths if b == cfg.data.batch_size]  # evaluation batches hold 5 rows
+    assert len(train) == 6 and 0 < first < 6
+    assert max(train[:first]) < cfg.data.max_len
+    assert set(train[first:]) == {cfg.data.max_len}
+    ckpts = checkpoint.Checkpointer(cfg.checkpoint_dir)
+    assert ckpts.read_meta(2)['pad_len'] is None
+    assert ckpts.read_meta(6)['pad_len'] == cfg.data.max_len
+
+
 def test_zero_inactive_ranks_keeps_the_adapter_output_under_grown_masks():
     from jaxprune.lora import _grow
 
