@@ -70,6 +70,16 @@ def train_batches(
         seed=data_cfg.seed, start=start)
 
 
+def pad_train_batch(batch: dict[str, np.ndarray], tokenizer: Any,
+                    length: int) -> dict[str, np.ndarray]:
+    """A :func:`train_batches` classification batch right-padded to ``length`` tokens with the
+    stream's own pad token (``jaxprune.data.pad_length``)."""
+    from jaxprune import data
+    from jaxprune.data._batches import _pad_id
+
+    return data.pad_length(batch, length, pad_id=_pad_id(tokenizer))
+
+
 def _pad_rows(arrays: dict[str, np.ndarray], multiple: int, fill: dict[str, int]):
     n = len(arrays['labels'])
     extra = (-n) % multiple

@@ -266,11 +266,6 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
     # costs far more than the padding saves, so from then on batches are padded to max_len: one
     # compile per architecture. Stored in the checkpoint so a resumed run pads as the original.
     pad_len = None
-    from jaxprune import data as data_lib  # here, not at import: it pulls in `datasets`
-    from jaxprune.data._batches import _pad_id
-
-    pad_id = _pad_id(s.tokenizer)  # the stream's own pad token
-
     if not cfg.checkpoint.resume and ckpts.latest_step() is not None:
         ckpts.close()
         raise ValueError(
@@ -315,7 +310,7 @@ def train(cfg: config_lib.RunCfg, *, progress: bool | None = None,
         for step in range(start, tcfg.steps):
             batch = next(stream)
             if pad_len is not None:
-                batch = data_lib.pad_length(batch, pad_len, pad_id=pad_id)
+                batch = _data.pad_train_batch(batch, s.tokenizer, pad_len)
             data_position += 1
             s.state, m = step_fn(s.state, s.rest, _place(batch, b_sh))
             window.append(m)
