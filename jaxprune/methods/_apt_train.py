@@ -705,12 +705,8 @@ class AptMethod:
             opt_state = _grow.resize_ranks_like(opt_state, ranks, new_bucket)
             params, new_ranks = _grow.resize_ranks(params, ranks, new_bucket, key=key,
                                                    rescale=False)
-            rank_ema = {
-                p: jnp.zeros((new_bucket,), jnp.float32)
-                .at[: int(np.sum(np.asarray(ranks[p]) > 0))]
-                .set(rank_ema[p][np.flatnonzero(np.asarray(ranks[p]) > 0)])
-                for p in ranks
-            }
+            rank_ema = {p: _grow.move_active(rank_ema[p], ranks[p], axis=0, bucket=new_bucket)
+                        for p in ranks}
             ranks, bucket = new_ranks, new_bucket
         params, ranks = _grow.grow_ranks(
             params, ranks, rank_ema, key=key, factor=factor,
