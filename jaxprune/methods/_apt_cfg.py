@@ -56,6 +56,11 @@ class AptCfg(config_lib.PruneCfg):
     # rank-resized with the student at pruning steps in between.
     teacher_refresh: str = 'pruning'
     compaction: bool = True
+    # Compact physically at every k-th pruning step, always at the last, and at any step whose
+    # LoRA growth resizes the adapters (that re-jits anyway); the steps in between only harden
+    # the masks, so the model keeps its shapes and the train step is not re-compiled (pruned
+    # units stay masked until the next compaction). 1 = every pruning step.
+    compact_every: int = 1
     count_embeddings: bool = False
     # Structure score the masks rank by. 'apt': the paper's sum|H| * sum|dL/dH| per channel
     # (+ the outlier term). 'fisher' (not in the paper): the per-example mask Fisher
@@ -90,6 +95,10 @@ class AptCfg(config_lib.PruneCfg):
                 f'prune.temperature={self.temperature} must be > 0 and '
                 f'prune.distill_weight={self.distill_weight} in [0, 1]'
             )
+        if self.compact_every < 1:
+            raise ValueError(
+                f'prune.compact_every={self.compact_every} must be >= 1 (1 = compact at every '
+                'pruning step; k = at every k-th and the last; prune.compaction=false = never)')
         if self.tuning_growth < 1:
             raise ValueError(f'prune.tuning_growth={self.tuning_growth} must be >= 1')
         if self.salience not in SALIENCE:

@@ -11,7 +11,12 @@ What one run does (``jaxprune train configs/apt_minilm_rotten_tomatoes.yaml``):
   salience EMAs and the teacher snapshot (``jaxprune.surgery``), LoRA ranks grow for the most
   salient half of the adapters (``jaxprune.lora._grow``), the teacher snapshot is refreshed and
   the loop re-jits (``num_pruning_steps`` recompiles, plus none otherwise). The masked and the
-  compacted model are compared on a probe batch and the max |diff| is logged.
+  compacted model are compared on a probe batch and the max |diff| is logged. With
+  ``prune.compact_every=k`` only every k-th pruning step, the last, and any step whose LoRA
+  growth doubles the adapters' physical rank (it re-jits anyway) compact; the others harden the
+  masks and grow ranks at unchanged shapes (no re-jit; the growth counts the adapters' live dims,
+  as a compacting step would), the dead units staying masked until the next compaction removes
+  everything dead so far.
 
 State. Everything the jitted step needs lives in the optimizer state under the single field
 ``masks`` (``{'units', 'rank', 'teacher', 'mu'}`` plus ``'hidden_proj'``/``'hidden_proj_opt'``
@@ -92,6 +97,7 @@ RESUME_FIELDS = (
     'model.name_or_path', 'train.steps', 'lora.rank', 'lora.targets', 'prune.target_density',
     'prune.num_pruning_steps', 'prune.prune_start_fraction', 'prune.prune_end_fraction',
     'prune.init_rank', 'prune.max_rank', 'prune.tuning_growth', 'prune.compaction',
+    'prune.compact_every',
     'prune.count_embeddings', 'prune.distill', 'prune.hidden_weight', 'prune.teacher',
     'prune.min_keep_fraction',
 )
@@ -580,6 +586,20 @@ class AptMethod:
 
     # ---- pruning step (outside jit) ------------------------------------------------------
 
+    def compacts(self, count: int) -> bool:
+        """Whether the schedule compacts physically at the pruning step at update ``count``.
+
+        With ``prune.compaction``: every ``prune.compact_every``-th pruning step and the last one
+        (so the final model is always compacted); the others only harden the masks, unless their
+        LoRA growth resizes the adapters (:meth:`pruning_step` compacts those too).
+        """
+        if not self.cfg.compaction:
+            return False
+        if count not in self.steps:  # a pruning step called by hand
+            return True
+        i = self.steps.index(count)
+        return (i + 1) % self.cfg.compact_every == 0 or i == len(self.steps) - 1
+
     def _probe(self) -> dict[str, jax.Array]:
         rng = np.random.default_rng(0)
         ids = rng.integers(1, self.arch.vocab_size, size=(2, 16)).astype(np.int32)
@@ -605,6 +625,18 @@ class AptMethod:
         opt_state = ts.opt_state
         masks = dict(optax.tree.get(opt_state, 'masks'))
         keep = {k: np.asarray(v) > 0 for k, v in masks['units'].items()}
+        model = nnx.merge(state.graphdef, ts.trainable, state.rest)
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        growth = None
+        if masks['rank']:
+            # The tuning budget counts the adapters' live dims: their shapes as the surgery
+            # leaves them (abstract, nothing is computed), whether or not this step compacts.
+            live = jax.eval_shape(
+                lambda p: surgery.prune(None, p, keep, structures=self.structures)[1], params)
+            growth = self._growth_plan(count, live, masks['rank'])
+        # A step whose LoRA bucket grows re-jits anyway, so it compacts as well.
+        compact = self.compacts(count) or (
+            self.cfg.compaction and growth is not None and growth[1] != self.bucket)
         # The teacher stays out of the surgery and the rank growth: a dense teacher keeps its
         # shapes, a snapshot teacher is taken afresh below. A snapshot refreshed on eval
         # (teacher_refresh=eval) goes through both with the student instead: pruned like the
@@ -615,11 +647,9 @@ class AptMethod:
         if self.eval_refresh:  # ranks the growth switches on must not change the teacher
             masks['teacher'] = _grow.zero_inactive_ranks(masks['teacher'], masks['rank'])
         opt_state = optax.tree.set(opt_state, masks=masks)
-        model = nnx.merge(state.graphdef, ts.trainable, state.rest)
         before = self._logits(model, masks) if self.cfg.check_compaction else None
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         arch = self.arch
-        if self.cfg.compaction:
+        if compact:
             arch = surgery.pruned_config(self.arch, keep, self.structures)
             # One jitted gather program per tree instead of one eager compile per leaf shape.
             params = jax.jit(
@@ -633,18 +663,18 @@ class AptMethod:
                 )
             )(opt_state)
         masks = optax.tree.get(opt_state, 'masks')
-        if self.cfg.compaction and 'hidden_proj' in masks:
+        if compact and 'hidden_proj' in masks:
             hk = keep[('hidden', None)]
             both = not self.dense_teacher  # a dense teacher keeps every hidden dim
             masks = {**masks, **{k: _apt.prune_projections(masks[k], hk, teacher_side=both)
                                  for k in ('hidden_proj', 'hidden_proj_opt')}}
         ranks, rank_ema = masks['rank'], optax.tree.get(opt_state, 'rank_ema')
         bucket = self.bucket
-        if ranks:
+        if growth is not None:
             params, opt_state, ranks, rank_ema, bucket = self._grow(
-                count, params, opt_state, ranks, rank_ema
+                count, params, opt_state, ranks, rank_ema, *growth
             )
-        if self.cfg.compaction or bucket != self.bucket:
+        if compact or bucket != self.bucket:
             model = _apt_arch.rebuild_model(model, arch, params)
         else:
             pstate = nnx.state(model, nnx.Param)
@@ -663,10 +693,10 @@ class AptMethod:
         opt_state = optax.tree.set(opt_state, masks=new_masks, rank_ema=rank_ema)
         self.surgeries.append({
             'count': int(count),
-            'keep': _apt_arch.encode_keep(keep) if self.cfg.compaction else None,
+            'keep': _apt_arch.encode_keep(keep) if compact else None,
             'bucket': int(bucket),
         })
-        if self.cfg.compaction or bucket != self.bucket:
+        if compact or bucket != self.bucket:
             self._set_arch(arch, rank=bucket)
             self.recompiles += 1
         else:  # shapes unchanged: keep the graphdef so the loop does not re-jit
@@ -678,28 +708,39 @@ class AptMethod:
             graphdef, ts._replace(trainable=trainable, opt_state=opt_state), rest
         )
         self._log(count if step is None else step, count, new_masks, opt_state, params,
-                  diff=diff, seconds=time.perf_counter() - t0)
+                  diff=diff, compacted=compact,
+                  seconds=time.perf_counter() - t0)
         return new_state
 
-    def _grow(self, count, params, opt_state, ranks, rank_ema):
-        """Grow LoRA ranks towards the tuning budget; double the bucket when it is too small."""
-        key = jax.random.fold_in(jax.random.key(self.run_cfg.train.seed), count)
-        current = _grow.tuning_params(params, ranks)
+    def _growth_plan(self, count, live, ranks) -> tuple[float, int]:
+        """``(factor, bucket)``: the common LoRA growth factor towards the tuning budget, and the
+        adapters' physical rank after the growth (doubled when the current one is too small).
+
+        ``live``: the params' shapes with the pruned units removed; the budget and the factor count
+        these adapter dims, so a step that only masks grows as a compacting one would.
+        """
+        current = _grow.tuning_params(live, ranks)
         if self.init_tuning is None:
             self.init_tuning = current
         target = apt_schedules.tuning_growth(
             self.init_tuning, self.steps, factor=self.cfg.tuning_growth
         )(count)
-        factor = _grow.growth_factor(params, ranks, float(target))
-        bucket = self.bucket
+        factor = _grow.growth_factor(live, ranks, float(target))
         top = max(int(np.sum(np.asarray(m) > 0)) for m in ranks.values())
         wanted = min(math.ceil(top * factor), self.cfg.max_rank)
+        if wanted <= self.bucket:
+            return factor, self.bucket
+        return factor, min(max(2 * self.bucket, wanted), self.cfg.max_rank)
+
+    def _grow(self, count, params, opt_state, ranks, rank_ema, factor, new_bucket):
+        """Grow LoRA ranks by ``factor`` at physical rank ``new_bucket`` (``_growth_plan``)."""
+        key = jax.random.fold_in(jax.random.key(self.run_cfg.train.seed), count)
+        bucket = self.bucket
         # With train.param_ema, what the average in the optimizer state sees of the params:
         # resized like Adam's moments. The growth's edit relative to it is applied to the average.
         averaging = self.run_cfg.train.param_ema > 0
         seen = params
-        if wanted > bucket:
-            new_bucket = min(max(2 * bucket, wanted), self.cfg.max_rank)
+        if new_bucket != bucket:
             if averaging:
                 seen = _grow.resize_ranks_like(params, ranks, new_bucket)
             opt_state = _grow.resize_ranks_like(opt_state, ranks, new_bucket)
@@ -716,7 +757,7 @@ class AptMethod:
             opt_state = _average.shift_average(opt_state, params, seen)
         return params, opt_state, ranks, rank_ema, bucket
 
-    def _log(self, step, count, masks, opt_state, params, *, diff, seconds) -> None:
+    def _log(self, step, count, masks, opt_state, params, *, diff, compacted, seconds) -> None:
         from jaxprune import models
 
         units = masks['units']
@@ -744,6 +785,7 @@ class AptMethod:
             'params': int(sum(np.size(x) for x in jax.tree.leaves(params))),
             'backbone_params': models.param_count(self.arch),
             'mu': float(self.mu(count)) if self.cfg.distill else 0.0,
+            'compacted': bool(compacted),
             'compaction_max_abs_diff': diff,
             'recompiles': self.recompiles,
             'seconds': seconds,

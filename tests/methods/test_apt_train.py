@@ -457,6 +457,136 @@ def test_training_refreshes_the_teacher_at_evals_that_improve(tmp_path):
     assert [(e['step'], e['score']) for e in events if e['event'] == 'teacher_refresh'] == want
 
 
+def test_compact_every_skips_surgery_until_a_compacting_step(tmp_path):
+    """``prune.compact_every=2``: the first pruning step keeps every shape (same graphdef, so no
+    re-jit; nothing recorded to replay); the second removes the units dead at *either* step,
+    and its compacted logits equal the masked model's."""
+    cfg = _cfg(tmp_path, 'train.steps=12', 'prune.num_pruning_steps=3', 'prune.compact_every=2')
+    s = _loop.setup(cfg)
+    method = s.method
+    assert [method.compacts(c) for c in method.steps] == [False, True, True]
+    keep1 = _random_keep(method.structures, 0, p=0.8)
+    keep2 = {k: v & _random_keep(method.structures, 1, p=0.8)[k] for k, v in keep1.items()}
+
+    def with_units(ts, keep):
+        units = {k: jnp.asarray(v, jnp.float32) for k, v in keep.items()}
+        m = optax.tree.get(ts.opt_state, 'masks')
+        return ts._replace(opt_state=optax.tree.set(ts.opt_state, masks={**m, 'units': units}))
+
+    trainable = jax.tree.map(  # non-trivial adapters: the comparison covers LoRA too
+        lambda x: x + 0.05 * jax.random.normal(jax.random.key(0), x.shape, x.dtype),
+        s.state.trainable)
+    ts = with_units(s.state._replace(trainable=trainable), keep1)
+    first = method.pruning_step(method.steps[0], _method.LoopState(s.graphdef, ts, s.rest))
+    assert first.graphdef is s.graphdef  # masks only: the loop keeps its compiled step
+    assert (jax.tree.map(jnp.shape, first.state.trainable)
+            == jax.tree.map(jnp.shape, s.state.trainable))
+    assert method.surgeries[-1]['keep'] is None and method.recompiles == 0
+    assert method.events[-1]['compacted'] is False
+    ts = with_units(first.state, keep2)
+    batch = method._probe()
+    model = nnx.merge(first.graphdef, ts.trainable, first.rest)
+    rank = optax.tree.get(ts.opt_state, 'masks')['rank']
+    units = {k: jnp.asarray(v, jnp.float32) for k, v in keep2.items()}
+    masked = model(batch['input_ids'], batch['attention_mask'],
+                   masks=method.model_masks({'units': units, 'rank': rank}))
+    second = method.pruning_step(method.steps[1], _method.LoopState(first.graphdef, ts, first.rest))
+    assert second.graphdef is not first.graphdef and method.events[-1]['compacted'] is True
+    new_masks = optax.tree.get(second.state.opt_state, 'masks')
+    compacted = nnx.merge(second.graphdef, second.state.trainable, second.rest)(
+        batch['input_ids'], batch['attention_mask'], masks=method.model_masks(new_masks))
+    np.testing.assert_allclose(np.asarray(compacted), np.asarray(masked), atol=1e-5)
+    assert method.events[-1]['compaction_max_abs_diff'] <= 1e-5
+    arch = surgery.pruned_config(method.initial_arch, keep2, _structures.structures(
+        method.initial_arch))
+    assert method.arch == arch  # one surgery removed what both steps killed
+    assert method.surgeries[-1]['keep'] is not None and method.recompiles == 1
+    with pytest.raises(ValueError, match='prune.compact_every=0'):
+        _cfg(tmp_path, 'prune.compact_every=0')
+
+
+def test_compact_every_grows_ranks_as_compaction_does(tmp_path):
+    """A masking pruning step sizes the LoRA growth by the adapters' live dims, so it grows the
+    ranks a compacting step grows from the same masks (mutation: counting the dead dims too
+    sets a larger initial budget and grows fewer ranks), and a step that must resize the LoRA
+    bucket compacts even where ``prune.compact_every`` would only mask."""
+    def two_steps(sub, every):
+        cfg = _cfg(tmp_path / sub, 'train.steps=12', 'prune.num_pruning_steps=3',
+                   f'prune.compact_every={every}')
+        s = _loop.setup(cfg)
+        method, state = s.method, _method.LoopState(s.graphdef, s.state, s.rest)
+        keep1 = _random_keep(method.structures, 0, p=0.7)
+        keep2 = {k: v & _random_keep(method.structures, 1, p=0.7)[k] for k, v in keep1.items()}
+        for count, keep in zip(method.steps[:2], (keep1, keep2)):
+            if method.surgeries and method.surgeries[-1]['keep'] is not None:
+                keep = {k: v[keep1[k]] for k, v in keep.items()}  # units of the survivors
+            ts = state.state
+            m = optax.tree.get(ts.opt_state, 'masks')
+            units = {k: jnp.asarray(v, jnp.float32) for k, v in keep.items()}
+            ts = ts._replace(opt_state=optax.tree.set(ts.opt_state, masks={**m, 'units': units}))
+            state = method.pruning_step(count, _method.LoopState(state.graphdef, ts, state.rest))
+        return method, _active_ranks(s.state), _active_ranks(state.state)
+
+    def _active_ranks(ts):
+        ranks = optax.tree.get(ts.opt_state, 'masks')['rank']
+        return {p: int(np.sum(np.asarray(r) > 0)) for p, r in ranks.items()}
+
+    ref, start, ref_ranks = two_steps('every', 1)
+    got, _, got_ranks = two_steps('k3', 3)
+    assert [r['keep'] is None for r in ref.surgeries] == [False, False]
+    assert [got.compacts(c) for c in got.steps] == [False, False, True]
+    # The first step only masks; the second grows the LoRA bucket, which re-jits anyway, so it
+    # compacts as well.
+    assert [r['keep'] is None for r in got.surgeries] == [True, False]
+    assert got.surgeries[1]['bucket'] > got.surgeries[0]['bucket']
+    assert got.recompiles == 1
+    assert got.init_tuning == ref.init_tuning
+    assert got_ranks == ref_ranks
+    assert sum(ref_ranks.values()) > sum(start.values())  # the steps did grow ranks
+
+
+@pytest.mark.slow
+def test_compact_every_masks_between_compactions(tmp_path):
+    """``prune.compact_every=2`` of 3 pruning steps: the first only hardens the masks (shapes
+    unchanged, no re-jit), the second removes every unit dead so far, the last always compacts;
+    the compacted model equals the masked one each time, and up to the first pruning step the run
+    is the every-step run."""
+    from jaxprune import models
+
+    def run(sub, every):
+        cfg = _cfg(tmp_path / sub, 'train.steps=12', f'prune.compact_every={every}')
+        _loop.train(cfg, progress=False)
+        return _events(tmp_path / sub, 'prune')
+
+    ref, got = run('every', 1), run('k2', 2)
+    assert [e['compacted'] for e in ref] == [True] * 3
+    assert [e['compacted'] for e in got] == [False, True, True]
+    unpruned = _bert.BertConfig.tiny(vocab_size=264)
+    assert got[0]['backbone_params'] == models.param_count(unpruned)  # not compacted ...
+    assert got[0]['density'] < 0.9  # ... but the masks are hard and meet the budget
+    for k in ('kept_heads', 'kept_mlp', 'hidden', 'density'):
+        assert got[0][k] == ref[0][k]  # the same masks at the first pruning step
+    for e in got:  # rank growth and compaction both preserve the function
+        assert e['compaction_max_abs_diff'] <= 1e-5
+    for a, b in itertools.pairwise(got):  # dead units stay dead through the masked stretch
+        assert all(y <= x for x, y in zip(a['kept_mlp'] + a['kept_heads'],
+                                          b['kept_mlp'] + b['kept_heads']))
+    # Re-jits only where shapes changed: a compaction or a LoRA bucket resize.
+    bucket, recompiles = 8, 0
+    for e in got:
+        recompiles += e['compacted'] or e['lora_bucket'] != bucket
+        assert e['recompiles'] == recompiles
+        bucket = e['lora_bucket']
+    assert got[-1]['recompiles'] < ref[-1]['recompiles']
+    # The compaction after the masked step removed every dead unit: the physical model holds
+    # exactly the units the masks keep.
+    last = got[-1]
+    kept = dataclasses.replace(unpruned, hidden_size=last['hidden'],
+                               layer_heads=tuple(max(h, 1) for h in last['kept_heads']),
+                               layer_mlp=tuple(max(f, 1) for f in last['kept_mlp']))
+    assert last['backbone_params'] == models.param_count(kept)
+
+
 def test_batches_pad_to_max_len_after_the_first_surgery(tmp_path, monkeypatch):
     """Before the first pruning step batches keep their length buckets; from it on every batch is
     ``data.max_len`` long (one train-step compile per architecture), and a checkpoint records the
