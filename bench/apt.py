@@ -12,7 +12,9 @@ subprocess so ``ru_maxrss`` is that row's peak host memory):
   include the LoRA training).
 * ``apt``: ``prune.method=apt`` to 40 % block density (compaction during training, LoRA rank
   growth, self-distillation), then the exported pruned model; ``apt-paper``: the same with
-  ``prune.salience=apt`` (the paper's salience, whatever the config ships).
+  ``prune.salience=apt`` (the paper's salience, whatever the config ships); ``apt-compactK``:
+  the shipped config with ``prune.compact_every=K`` (compact at every K-th pruning step and the
+  last, masks in between: fewer re-compilations), to time it side by side with ``apt``.
 
 Every final model is evaluated as a plain model (LoRA folded into the kernels, pruned units
 removed) on the full validation split; latency is the median of jitted forwards at batch 32 and
@@ -46,6 +48,12 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 DENSITY = 0.4
 
 
+def _is_apt(row: str) -> bool:
+    """A MiniLM APT row: ``apt``, ``apt-paper`` or ``apt-compactK`` (K an integer)."""
+    return row in ('apt', 'apt-paper') or (
+        row.startswith('apt-compact') and row.removeprefix('apt-compact').isdigit())
+
+
 def _overrides(args, row: str, run_dir: str) -> tuple[str, list[str]]:
     common = [
         f'run_dir={run_dir}', f'train.steps={args.steps}', f'data.max_len={args.max_len}',
@@ -60,11 +68,13 @@ def _overrides(args, row: str, run_dir: str) -> tuple[str, list[str]]:
             'lora.enabled=false', 'train.learning_rate=1e-4']
     if row == 'lora':
         return 'configs/minilm_rotten_tomatoes_lora.yaml', common
-    if row in ('apt', 'apt-paper'):  # apt-paper: the same config with the paper's salience
+    if _is_apt(row):  # apt-paper: the same config with the paper's salience
+        every = row.removeprefix('apt-compact') if row.startswith('apt-compact') else None
         return 'configs/apt_minilm_rotten_tomatoes.yaml', common + [
             f'prune.target_density={DENSITY}', f'prune.num_pruning_steps={args.pruning_steps}',
             'prune.check_compaction=true', *args.set,
-            *(['prune.salience=apt'] if row == 'apt-paper' else [])]
+            *(['prune.salience=apt'] if row == 'apt-paper' else []),
+            *([f'prune.compact_every={every}'] if every else [])]
     llama = [f'run_dir={run_dir}', f'train.steps={args.llama_steps}', 'train.eval_every=0',
              'checkpoint.every=0', f'train.warmup_steps={max(1, args.llama_steps // 10)}',
              f'train.seed={args.seed}', f'data.seed={args.seed}']
@@ -275,7 +285,7 @@ def run_row(args) -> None:
     train.train(cfg, progress=False)
     train_s = time.perf_counter() - t0
     rows = []
-    if args.row in ('apt', 'apt-paper', 'llama-apt'):
+    if _is_apt(args.row) or args.row == 'llama-apt':
         model, _ = _apt_export.load_pruned(pathlib.Path(cfg.run_dir) / 'pruned')
         from jaxprune import assets
 
@@ -336,6 +346,8 @@ def remeasure(args) -> int:
                          ('apt-paper', 'apt-paper/pruned'), ('apt', 'apt/pruned')):
         if (tmp / folder).exists():
             models[name] = _apt_export.load_pruned(tmp / folder)[0]
+    for folder in sorted(tmp.glob('apt-compact*/pruned')):
+        models[folder.parent.name] = _apt_export.load_pruned(folder)[0]
     if cfg is None or 'dense' not in models:
         raise FileNotFoundError(f'no dense run under {tmp}; pass the bench temp dir')
     rng = np.random.default_rng(0)
