@@ -923,6 +923,27 @@ def test_resume_with_the_dense_teacher_equals_uninterrupted_run(tmp_path):
     _assert_same_run(run, ref_run, final, ref_final)
 
 
+@pytest.mark.slow
+def test_resume_after_a_masking_pruning_step_equals_uninterrupted_run(tmp_path):
+    """``prune.compact_every=3``: a crash after the first pruning step, which only hardened the
+    masks (nothing to replay but the masks in the optimizer state), resumes to the
+    uninterrupted run's losses and final eval."""
+    every = ('prune.compact_every=3',)
+    ref_run = tmp_path / 'ref'
+    ref_final = _loop.train(_resume_cfg(ref_run, *every), progress=False)
+    assert _events(ref_run, 'prune')[0]['compacted'] is False
+    run = tmp_path / 'crash'
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_loop, '_checkpointer', _crash_after(4))
+        with pytest.raises(_Crash):
+            _loop.train(_resume_cfg(run, *every), progress=False)
+    final = _loop.train(_resume_cfg(run, *every), progress=False)
+    assert [e['step'] for e in _events(run, 'resume')] == [4]
+    prunes = _events(run, 'prune')
+    assert [e['prune_count'] for e in prunes] == [3, 6, 9]
+    assert [e['compacted'] for e in prunes] == [e['compacted'] for e in _events(ref_run, 'prune')]
+    _assert_same_run(run, ref_run, final, ref_final)
+
 
 def test_fisher_salience_in_the_training_step(tmp_path):
     """prune.salience=fisher: the step's salience is the per-example mask Fisher of the loss.
